@@ -1,0 +1,142 @@
+"""Typed configs: a YAML file plus ``key.sub=value`` overrides -> a validated, frozen model.
+
+Every config model derives from :class:`Config` (frozen, unknown keys rejected). A job declares its own
+model and calls :func:`load_config`; any mistake raises :class:`ConfigError`, whose message names the
+field, the value given and what is allowed, before anything is started.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "RunConfig",
+    "S3Config",
+    "load_config",
+    "parse_overrides",
+]
+
+C = TypeVar("C", bound="Config")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message says which field is wrong and what is allowed."""
+
+
+class Config(BaseModel):
+    """Base of every labtrain config: frozen, and unknown keys are an error, not ignored."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+
+class S3Config(Config):
+    """Where s3:// URLs point. Unset fields fall back to the standard AWS environment variables."""
+
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, Ceph, moto); None means AWS or AWS_ENDPOINT_URL.")
+    region: str | None = Field(None, description="Region; None means AWS_DEFAULT_REGION.")
+    access_key_id: str | None = Field(None, description="Access key; None means AWS_ACCESS_KEY_ID.")
+    secret_access_key: str | None = Field(None, description="Secret key; None means AWS_SECRET_ACCESS_KEY.")
+    max_attempts: int = Field(5, ge=1, description="Attempts per open or read before giving up on a transient error.")
+    backoff_s: float = Field(0.2, gt=0, description="First retry delay; doubles each attempt.")
+
+
+class DataConfig(Config):
+    """A stream of webdataset shards, split evenly over ranks and dataloader workers."""
+
+    urls: str = Field(description="Shard pattern: a local path, brace pattern or s3://bucket/prefix/name-{000000..000099}.tar")
+    index: str | None = Field(None, description="index.json beside the shards; None means <dir of urls>/index.json.")
+    batch_size: int = Field(32, ge=1, description="Samples per batch on each rank.")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank.")
+    shuffle_buffer: int = Field(0, ge=0, description="Samples shuffled in a buffer inside each worker (0 = shard order only).")
+    seed: int = Field(0, description="Seed of the per-epoch shard order and the shuffle buffer.")
+    max_bad_shards: int = Field(0, ge=0, description="Unreadable shards tolerated on one rank over the run before the job fails.")
+    s3: S3Config = Field(default_factory=S3Config, description="S3 endpoint and credentials for s3:// URLs.")
+
+
+class RunConfig(Config):
+    """How a training function runs on Ray Train."""
+
+    name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$", description="Run name; checkpoints go to <storage_path>/<name>.")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (one process each).")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker; 0 trains on CPU over gloo.")
+    resources_per_worker: dict[str, float] = Field(default_factory=dict, description="Extra Ray resources per worker, e.g. {'node_b': 1}.")
+    strategy: Literal["ddp", "deepspeed", "accelerate"] = Field("ddp", description="Distributed strategy.")
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage (strategy=deepspeed only).")
+    storage_path: str = Field("runs", description="Checkpoint root: a local directory or s3://bucket/prefix.")
+    max_failures: int = Field(0, ge=-1, description="Restarts from the latest checkpoint after a worker failure (-1 = unlimited).")
+    num_to_keep: int | None = Field(2, ge=1, description="Checkpoints kept; None keeps all.")
+    s3: S3Config = Field(default_factory=S3Config, description="S3 settings when storage_path is s3://.")
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Turn ``["a.b=1", "c=[1, 2]"]`` into a nested dict; values are parsed as YAML scalars/lists."""
+    tree: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} was already set to a value, not a section")
+            node = child
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _explain(error: ValidationError, cls: type[Config]) -> str:
+    lines = [f"invalid {cls.__name__} config ({error.error_count()} problem{'s' * (error.error_count() > 1)}):"]
+    for err in error.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "<root>"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {field}: unknown key (value {err['input']!r}); check the spelling against the config's fields")
+        elif err["type"] == "missing":
+            lines.append(f"  {field}: required field is missing; set it in the file or with {field}=VALUE")
+        else:
+            lines.append(f"  {field}: value {err['input']!r} is not allowed: {err['msg']}")
+    return "\n".join(lines)
+
+
+def build_config(cls: type[C], data: dict[str, Any]) -> C:
+    """Validate a plain dict into ``cls``, raising ConfigError with a readable message."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_explain(error, cls)) from None
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
+    """Read ``path`` (YAML), apply ``key.sub=value`` overrides, and validate into ``cls``."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist; pass the path of a YAML file")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of fields, not {type(loaded).__name__}")
+        data = loaded or {}
+    return build_config(cls, _merge(data, parse_overrides(overrides or [])))

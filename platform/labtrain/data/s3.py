@@ -1,0 +1,106 @@
+"""s3:// for webdataset and fsspec, through s3fs, with retries on transient errors.
+
+webdataset opens URLs through ``webdataset.gopen.gopen_schemes``, which has no ``s3`` entry. Importing
+``labtrain.data`` registers :func:`gopen_s3` there, so every process that unpickles a labtrain pipeline
+(DataLoader workers, Ray workers) can read s3:// shards. Endpoint, credentials and region come from an
+:class:`~labtrain.config.S3Config` (set with :func:`configure`, which also exports it to child processes
+through the environment) or from the standard AWS variables.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import time
+from typing import IO, Any, Callable, TypeVar
+
+from webdataset.gopen import gopen_schemes
+
+from labtrain.config import S3Config
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Child processes (DataLoader workers, Ray workers started from this one) read the settings from here.
+_ENV_KEY = "LABTRAIN_S3_CONFIG"
+
+
+def configure(cfg: S3Config) -> None:
+    """Use ``cfg`` for s3:// in this process and in every process it starts."""
+    os.environ[_ENV_KEY] = cfg.model_dump_json()
+    filesystem.cache_clear()
+
+
+def current_config() -> S3Config:
+    raw = os.environ.get(_ENV_KEY)
+    return S3Config.model_validate(json.loads(raw)) if raw else S3Config()
+
+
+def storage_options(cfg: S3Config | None = None) -> dict[str, Any]:
+    """fsspec/s3fs keyword arguments for ``cfg``; unset fields are left to botocore's own lookup."""
+    cfg = cfg or current_config()
+    options: dict[str, Any] = {}
+    endpoint = cfg.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        options["endpoint_url"] = endpoint
+    if cfg.access_key_id:
+        options["key"] = cfg.access_key_id
+    if cfg.secret_access_key:
+        options["secret"] = cfg.secret_access_key
+    if cfg.region:
+        # s3fs passes client_kwargs to botocore; the region belongs there, not next to the endpoint.
+        options["client_kwargs"] = {"region_name": cfg.region}
+    return options
+
+
+@functools.lru_cache(maxsize=4)
+def filesystem(settings_json: str | None = None):
+    """An s3fs filesystem for the current settings (cached per process; s3fs is fork-aware)."""
+    import s3fs
+
+    cfg = S3Config.model_validate_json(settings_json) if settings_json else current_config()
+    return s3fs.S3FileSystem(**storage_options(cfg), default_block_size=8 * 2**20)
+
+
+def _is_transient(error: BaseException) -> bool:
+    if isinstance(error, (FileNotFoundError, PermissionError)):
+        return False
+    return isinstance(error, (OSError, ConnectionError, TimeoutError)) or "Throttl" in type(error).__name__
+
+
+def with_retries(fn: Callable[[], T], *, what: str, cfg: S3Config | None = None) -> T:
+    """Call ``fn``; on a transient error wait ``backoff_s * 2**attempt`` and try again, up to ``max_attempts``."""
+    cfg = cfg or current_config()
+    for attempt in range(cfg.max_attempts):
+        try:
+            return fn()
+        except Exception as error:  # noqa: BLE001 - re-raised below unless transient
+            if not _is_transient(error) or attempt == cfg.max_attempts - 1:
+                raise
+            delay = cfg.backoff_s * 2**attempt
+            log.warning("transient error on %s (attempt %d/%d), retrying in %.2fs: %s", what, attempt + 1, cfg.max_attempts, delay, error)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def open_url(url: str, mode: str = "rb") -> IO[bytes]:
+    """Open a local path or s3:// URL; s3 opens are retried on transient errors."""
+    if url.startswith("s3://"):
+        fs = filesystem()
+        return with_retries(lambda: fs.open(url, mode), what=url)
+    if url.startswith("file:"):
+        url = url[len("file:"):]
+    return open(url, mode)
+
+
+def gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192) -> IO[bytes]:
+    """webdataset's opener signature for s3:// URLs."""
+    del bufsize  # s3fs buffers by block
+    return open_url(url, mode)
+
+
+def register() -> None:
+    """Make webdataset open s3:// through s3fs in this process (done on import of labtrain.data)."""
+    gopen_schemes["s3"] = gopen_s3

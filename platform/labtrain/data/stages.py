@@ -1,0 +1,218 @@
+"""Streaming stages: plain generators, each ``stage(samples, *, options) -> Iterator``, composed left to right.
+
+Positions. For one epoch the shards are put in a seeded order and their samples numbered 0..N-1 in that
+order (the index gives each shard's count without reading it). Rank r owns the contiguous positions
+``[r * N // W, (r + 1) * N // W)`` (every rank the same number; the last ``N % W`` are left for the next
+epoch's order). Within a rank, positions are "rank positions" 0..per_rank-1. Every sample that leaves
+:func:`read_positions` carries its rank position in ``__pos__``, and every position yields exactly one
+sample — a real one, or a filler standing in for a lost one — so consumption can be tracked by position
+and every rank yields the same number of batches whatever happens to the data.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import random
+import tarfile
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+from torch.utils.data import default_collate
+from webdataset import autodecode
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from labtrain.data.index import Shard
+from labtrain.data.s3 import open_url
+
+log = logging.getLogger(__name__)
+
+Sample = dict[str, Any]
+Ranges = list[tuple[int, int]]  # half-open [start, end) intervals of rank positions
+
+
+class DataError(RuntimeError):
+    """The data cannot be read well enough to train on; the message names the shards."""
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """Which shards, in which order, and which global positions belong to this rank."""
+
+    shards: tuple[Shard, ...]
+    starts: tuple[int, ...]  # global position of each shard's first sample
+    rank_start: int  # global position of this rank's position 0
+    per_rank: int
+
+    def locate(self, rank_pos: int) -> tuple[int, int]:
+        """(shard number, sample offset inside it) of a rank position."""
+        pos = self.rank_start + rank_pos
+        i = bisect.bisect_right(self.starts, pos) - 1
+        return i, pos - self.starts[i]
+
+
+def plan_epoch(shards: Sequence[Shard], *, seed: int, epoch: int, rank: int, world_size: int) -> EpochPlan:
+    """Seeded shard order for ``epoch`` and this rank's equal share of its positions."""
+    order = list(shards)
+    random.Random(f"{seed}:{epoch}").shuffle(order)
+    starts, total = [], 0
+    for shard in order:
+        starts.append(total)
+        total += shard.num_samples
+    per_rank = total // world_size
+    if per_rank == 0:
+        raise DataError(f"the shards hold {total} samples, fewer than the {world_size} ranks; every rank needs at least one")
+    return EpochPlan(tuple(order), tuple(starts), rank * per_rank, per_rank)
+
+
+def take(ranges: Ranges, start: int, count: int) -> Ranges:
+    """The ``count`` positions after the first ``start`` positions of ``ranges``, as ranges."""
+    out: Ranges = []
+    for lo, hi in ranges:
+        size = hi - lo
+        if start >= size:
+            start -= size
+            continue
+        lo += start
+        start = 0
+        n = min(hi - lo, count)
+        if n > 0:
+            out.append((lo, lo + n))
+            count -= n
+        if count == 0:
+            break
+    return out
+
+
+def split_for_worker(ranges: Ranges, *, batch_size: int, worker: int, num_workers: int) -> Ranges:
+    """This dataloader worker's contiguous share of whole batches of ``ranges`` (remainder dropped)."""
+    num_batches = sum(hi - lo for lo, hi in ranges) // batch_size
+    per_worker = [num_batches // num_workers + (w < num_batches % num_workers) for w in range(num_workers)]
+    first = sum(per_worker[:worker]) * batch_size
+    return take(ranges, first, per_worker[worker] * batch_size)
+
+
+def _read_shard(url: str, skip: int, count: int) -> Iterator[Sample]:
+    """Samples ``skip .. skip+count`` of one tar; raises if the shard ends early or is corrupt."""
+    with open_url(url, "rb") as stream:
+        files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
+        seen = 0
+        for sample in group_by_keys(files):
+            if seen >= skip:
+                yield sample
+                if seen - skip + 1 == count:
+                    return
+            seen += 1
+    raise DataError(f"shard {url} ended after {seen} samples, but the index promises at least {skip + count}")
+
+
+def read_positions(ranges: Ranges, *, plan: EpochPlan) -> Iterator[Sample]:
+    """Open, expand and group the tars behind ``ranges``. A shard that fails yields ``__lost__`` markers for
+    its remaining positions (and ``__bad_shard__`` once), so the stream keeps one sample per position."""
+    for lo, hi in ranges:
+        pos = lo
+        while pos < hi:
+            i, offset = plan.locate(pos)
+            shard = plan.shards[i]
+            count = min(hi - pos, shard.num_samples - offset)
+            done = 0
+            try:
+                for sample in _read_shard(shard.url, offset, count):
+                    sample["__pos__"] = pos + done
+                    yield sample
+                    done += 1
+            except (DataError, tarfile.TarError, OSError, EOFError, ValueError) as error:
+                log.warning("skipping unreadable shard %s after %d of %d samples: %s", shard.url, done, count, error)
+                yield {"__bad_shard__": shard.url, "__pos__": pos + done, "__lost__": True}
+                yield from ({"__pos__": p, "__lost__": True} for p in range(pos + done + 1, pos + count))
+            pos += count
+
+
+def decode(samples: Iterable[Sample], *, decoder: Callable[[Sample], Sample]) -> Iterator[Sample]:
+    """Decode each sample; one that fails becomes a ``__lost__`` marker at its position (counted later)."""
+    for sample in samples:
+        if sample.get("__lost__"):
+            yield sample
+            continue
+        try:
+            yield decoder(sample)
+        except Exception as error:  # noqa: BLE001 - any decoder failure makes the sample unusable
+            log.warning("skipping sample %s of %s: %s", sample.get("__key__"), sample.get("__url__"), error)
+            yield {"__pos__": sample["__pos__"], "__lost__": True, "__bad_sample__": sample.get("__key__")}
+
+
+def map_samples(samples: Iterable[Sample], *, fn: Callable[[Sample], Sample]) -> Iterator[Sample]:
+    for sample in samples:
+        if sample.get("__lost__"):
+            yield sample
+            continue
+        pos = sample["__pos__"]
+        out = fn(sample)
+        out["__pos__"] = pos
+        yield out
+
+
+def fill_lost(samples: Iterable[Sample], *, ring_size: int = 16) -> Iterator[Sample]:
+    """Replace each lost position by a copy of a recent good sample, so batch counts stay equal on all
+    ranks. Yields ``__skipped__`` (lost count) and ``__bad_shards__`` on the filler."""
+    ring: deque[Sample] = deque(maxlen=ring_size)
+    pending: list[Sample] = []
+    bad_shards: list[str] = []
+    for sample in samples:
+        if sample.get("__lost__"):
+            if "__bad_shard__" in sample:
+                bad_shards.append(sample["__bad_shard__"])
+            pending.append(sample)
+        else:
+            ring.append(sample)
+            yield sample
+        while pending and ring:
+            marker = pending.pop(0)
+            filler = dict(ring[marker["__pos__"] % len(ring)])
+            filler.update(__pos__=marker["__pos__"], __filler__=True, __skipped__=1, __bad_shards__=bad_shards)
+            bad_shards = []
+            yield filler
+    if pending:
+        names = ", ".join(sorted(set(bad_shards))) or "(decoding failed for every sample)"
+        raise DataError(f"no readable sample in this worker's share ({len(pending)} positions lost); bad shards: {names}")
+
+
+def shuffle(samples: Iterable[Sample], *, buffer_size: int, seed: str) -> Iterator[Sample]:
+    """Seeded buffer shuffle; ``buffer_size`` 0 or 1 passes samples through."""
+    if buffer_size <= 1:
+        yield from samples
+        return
+    rng = random.Random(seed)
+    buffer: list[Sample] = []
+    for sample in samples:
+        buffer.append(sample)
+        if len(buffer) >= buffer_size:
+            yield buffer.pop(rng.randrange(len(buffer)))
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+META_KEYS = ("__pos__", "__filler__", "__skipped__", "__bad_shards__", "__url__", "__local_path__")
+
+
+def batch(samples: Iterable[Sample], *, batch_size: int, collate: Callable[[list[Sample]], Any] = default_collate) -> Iterator[dict]:
+    """Group into batches of exactly ``batch_size``; bookkeeping rides along under ``__meta__``."""
+    group: list[Sample] = []
+    for sample in samples:
+        group.append(sample)
+        if len(group) == batch_size:
+            meta = {
+                "positions": [s["__pos__"] for s in group],
+                "skipped": sum(s.get("__skipped__", 0) for s in group),
+                "bad_shards": [u for s in group for u in s.get("__bad_shards__", ())],
+            }
+            payload = collate([{k: v for k, v in s.items() if k not in META_KEYS} for s in group])
+            yield {"data": payload, "__meta__": meta}
+            group = []
+
+
+def webdataset_decoder(image_spec: str | None = None) -> Callable[[Sample], Sample]:
+    """webdataset's own decoder: npy, cls, json, txt ... and images as ``image_spec`` ('torchrgb', 'pil', ...)."""
+    handlers = [autodecode.imagehandler(image_spec)] if image_spec else []
+    return autodecode.Decoder(handlers)

@@ -1,0 +1,189 @@
+"""A rank's view of a sharded dataset: equal batches on every rank, exact resume, bad data counted.
+
+``DataStream`` is what a training function iterates. It wraps a ``torch.utils.data.DataLoader`` over a
+:class:`ShardStream` (the stages of :mod:`labtrain.data.stages`, one chain per dataloader worker) and keeps
+the state that makes resume exact: the epoch and the rank positions not yet consumed. A batch counts as
+consumed when it is handed to the training loop, so a checkpoint taken after step k restores to the
+batch after k, for any number of dataloader workers (the worker split is recomputed from what remains).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from labtrain import dist
+from labtrain.config import DataConfig
+from labtrain.data import stages
+from labtrain.data.index import Shard, load_shards
+from labtrain.data.stages import DataError, Ranges
+
+log = logging.getLogger(__name__)
+
+
+def _subtract(ranges: Ranges, positions: list[int]) -> Ranges:
+    """``ranges`` without ``positions`` (each must be inside)."""
+    taken = sorted(positions)
+    out: Ranges = []
+    j = 0
+    for lo, hi in ranges:
+        start = lo
+        while j < len(taken) and taken[j] < hi:
+            p = taken[j]
+            assert p >= start, f"position {p} consumed twice or outside the remaining ranges"
+            if p > start:
+                out.append((start, p))
+            start = p + 1
+            j += 1
+        if start < hi:
+            out.append((start, hi))
+    assert j == len(taken), "a consumed position was not among the remaining ones"
+    return out
+
+
+class ShardStream(IterableDataset):
+    """The per-worker stage chain over this rank's remaining positions of one epoch."""
+
+    def __init__(self, cfg: DataConfig, shards: list[Shard], *, decoder, transform, collate):
+        self.cfg = cfg
+        self.shards = shards
+        self.decoder = decoder
+        self.transform = transform
+        self.collate = collate
+        self.epoch = 0
+        self.plan: stages.EpochPlan | None = None
+        self.remaining: Ranges = []
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        cfg = self.cfg
+        chain = [
+            functools.partial(stages.read_positions, plan=self.plan),
+            functools.partial(stages.decode, decoder=self.decoder),
+            functools.partial(stages.map_samples, fn=self.transform) if self.transform else None,
+            stages.fill_lost,
+            functools.partial(stages.shuffle, buffer_size=cfg.shuffle_buffer, seed=f"{cfg.seed}:{self.epoch}:{self.plan.rank_start}:{worker}:{sum(hi - lo for lo, hi in self.remaining)}"),
+            functools.partial(stages.batch, batch_size=cfg.batch_size, collate=self.collate),
+        ]
+        mine = stages.split_for_worker(self.remaining, batch_size=cfg.batch_size, worker=worker, num_workers=num_workers)
+        samples: Any = mine
+        for stage in filter(None, chain):
+            samples = stage(samples)
+        return samples
+
+
+class DataStream:
+    """Iterate for one epoch's batches of this rank; ``state_dict``/``load_state_dict`` for exact resume.
+
+    Each batch is what ``collate`` made of the samples (by default a dict of stacked tensors, with the
+    sample keys under ``__key__``). Batches per epoch are equal on every rank: ``per_rank // batch_size``.
+    """
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        *,
+        decoder: Callable | None = None,
+        transform: Callable | None = None,
+        collate: Callable | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        metrics=None,
+    ):
+        from labtrain.data import s3
+
+        s3.configure(cfg.s3)
+        self.cfg = cfg
+        self.rank = dist.rank() if rank is None else rank
+        self.world_size = dist.world_size() if world_size is None else world_size
+        self.shards = load_shards(cfg.urls, cfg.index)
+        self.metrics = metrics
+        self.dataset = ShardStream(
+            cfg,
+            self.shards,
+            decoder=decoder or stages.webdataset_decoder(),
+            transform=transform,
+            collate=collate or torch.utils.data.default_collate,
+        )
+        self.epoch = 0
+        self.remaining: Ranges | None = None  # None: the whole epoch is ahead
+        self.bad_shards: set[str] = set()
+        self.skipped_samples = 0
+        self._plan()
+
+    def _plan(self) -> None:
+        plan = stages.plan_epoch(self.shards, seed=self.cfg.seed, epoch=self.epoch, rank=self.rank, world_size=self.world_size)
+        if plan.per_rank < self.cfg.batch_size:
+            raise DataError(
+                f"each of the {self.world_size} ranks gets {plan.per_rank} samples per epoch, fewer than "
+                f"batch_size={self.cfg.batch_size}; lower data.batch_size or use fewer workers"
+            )
+        self.plan = plan
+        if self.remaining is None:
+            self.remaining = [(0, plan.per_rank)]
+
+    def __len__(self) -> int:
+        """Batches left in the current epoch on this rank (the same on every rank)."""
+        return sum(hi - lo for lo, hi in self.remaining) // self.cfg.batch_size
+
+    @property
+    def samples_per_epoch(self) -> int:
+        return self.plan.per_rank // self.cfg.batch_size * self.cfg.batch_size
+
+    def __iter__(self) -> Iterator[Any]:
+        """This epoch's remaining batches; at the end the stream moves on to the next epoch."""
+        self.dataset.epoch, self.dataset.plan, self.dataset.remaining = self.epoch, self.plan, list(self.remaining)
+        loader = DataLoader(
+            self.dataset,
+            batch_size=None,
+            num_workers=self.cfg.num_workers,
+            persistent_workers=False,  # the worker split is recomputed from what remains each epoch
+        )
+        for item in loader:
+            meta = item["__meta__"]
+            self.remaining = _subtract(self.remaining, meta["positions"])
+            self._count_bad(meta)
+            yield item["data"]
+        self.epoch += 1
+        self.remaining = None
+        self._plan()
+
+    def _count_bad(self, meta: dict) -> None:
+        new_shards = set(meta["bad_shards"]) - self.bad_shards
+        self.bad_shards |= new_shards
+        self.skipped_samples += meta["skipped"]
+        if self.metrics is not None:
+            self.metrics.skipped(shards=len(new_shards), samples=meta["skipped"])
+        if len(self.bad_shards) > self.cfg.max_bad_shards:
+            raise DataError(
+                f"{len(self.bad_shards)} unreadable shards on rank {self.rank}, more than "
+                f"data.max_bad_shards={self.cfg.max_bad_shards}: {', '.join(sorted(self.bad_shards))}. "
+                "Fix or remove them (and rebuild the index), or raise data.max_bad_shards."
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "remaining": [list(r) for r in self.remaining],
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "bad_shards": sorted(self.bad_shards),
+            "skipped_samples": self.skipped_samples,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["world_size"] != self.world_size:
+            raise ValueError(
+                f"data state was saved with {state['world_size']} ranks but this run has {self.world_size}; "
+                "resume with the same number of workers (the epoch's split depends on it)"
+            )
+        self.epoch = state["epoch"]
+        self.remaining = [tuple(r) for r in state["remaining"]]
+        self.bad_shards = set(state["bad_shards"])
+        self.skipped_samples = state["skipped_samples"]
+        self._plan()
