@@ -70,7 +70,7 @@ class RunConfig(Config):
     resources_per_worker: dict[str, float] = Field(default_factory=dict, description="Extra Ray resources per worker, e.g. {'node_b': 1}.")
     strategy: Literal["ddp", "deepspeed", "accelerate"] = Field("ddp", description="Distributed strategy.")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage (strategy=deepspeed only).")
-    storage_path: str = Field("runs", description="Checkpoint root: a local directory or s3://bucket/prefix.")
+    storage_path: str = Field("checkpoints", description="Checkpoint root: s3://bucket/prefix, an absolute path, or a path under the storage root (LABTRAIN_STORAGE_ROOT, default ./runs).")
     max_failures: int = Field(0, ge=-1, description="Restarts from the latest checkpoint after a worker failure (-1 = unlimited).")
     num_to_keep: int | None = Field(2, ge=1, description="Checkpoints kept; None keeps all.")
     s3: S3Config = Field(default_factory=S3Config, description="S3 settings when storage_path is s3://.")

@@ -13,13 +13,25 @@ from labtrain.data.index import expand_urls
 C = TypeVar("C", bound=Config)
 
 
+STORAGE_ROOT_ENV = "LABTRAIN_STORAGE_ROOT"
+
+
+def storage_root() -> str:
+    """Where relative data and checkpoint paths live: ``$LABTRAIN_STORAGE_ROOT`` (a shared filesystem
+    path or s3://bucket/prefix; the local cluster sets it to the repo's runs/), else ./runs."""
+    return os.environ.get(STORAGE_ROOT_ENV) or os.path.abspath("runs")
+
+
 def _absolute(path: str) -> str:
-    return path if "://" in path or os.path.isabs(path) else os.path.abspath(path)
+    if "://" in path or os.path.isabs(path):
+        return path
+    root = storage_root()
+    return f"{root.rstrip('/')}/{path}" if "://" in root else os.path.join(root, path)
 
 
 def resolve_local_paths(cfg: C) -> C:
-    """Relative local data and storage paths made absolute here, so workers started in another working
-    directory (Ray workers, other nodes on a shared filesystem) read and write the same files."""
+    """Relative data and storage paths put under the storage root, so that every worker, whatever its
+    working directory (a Ray job's working_dir copy is private to it), reads and writes the same files."""
     updates = {}
     for name, value in cfg:
         if isinstance(value, DataConfig):

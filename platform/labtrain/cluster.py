@@ -1,0 +1,173 @@
+"""The embedded local cluster: a Ray head and a second Ray node on this machine, plus one metrics exporter
+per node. ``up`` records what it started in a state file; ``down`` stops exactly those processes.
+
+Each node gets the custom resources ``labtrain_node: 1`` and ``<node name>: 1`` so tests and demos can
+force placement across nodes. Ray's token authentication is turned off for this loopback-only cluster
+(``RAY_AUTH_MODE=disabled``), so ``ray job submit`` works as written; real clusters keep it on (see the
+Helm chart and cluster/README.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from labtrain.metrics import METRICS_DIR_ENV
+
+
+@dataclass
+class ClusterSpec:
+    state_dir: str = ".labtrain/cluster"
+    gcs_port: int = 6379
+    dashboard_port: int = 8265
+    metrics_base_port: int = 9400
+    num_nodes: int = 2
+    cpus_per_node: int = 2
+    object_store_bytes: int = 256 * 2**20
+
+
+@dataclass
+class ClusterState:
+    spec: ClusterSpec
+    pids: list[int] = field(default_factory=list)
+    metrics_ports: list[int] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.spec.gcs_port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.spec.dashboard_port}"
+
+
+def _state_file(state_dir: str) -> Path:
+    return Path(state_dir) / "cluster.json"
+
+
+def load_state(state_dir: str) -> ClusterState | None:
+    path = _state_file(state_dir)
+    if not path.exists():
+        return None
+    raw = json.loads(path.read_text())
+    return ClusterState(spec=ClusterSpec(**raw["spec"]), pids=raw["pids"], metrics_ports=raw["metrics_ports"])
+
+
+def _save_state(state: ClusterState) -> None:
+    _state_file(state.spec.state_dir).write_text(json.dumps(asdict(state), indent=1))
+
+
+def node_env(spec: ClusterSpec, node: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env["RAY_AUTH_MODE"] = "disabled"
+    # Jobs' entrypoints say `python`: make it this environment's, where labtrain is installed.
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
+    env.setdefault("LABTRAIN_STORAGE_ROOT", os.path.abspath("runs"))
+    env[METRICS_DIR_ENV] = os.path.abspath(os.path.join(spec.state_dir, f"metrics-node{node}"))
+    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.abspath(os.path.join(spec.state_dir, "..", "torch_extensions")))
+    return env
+
+
+def _ray_cmd(spec: ClusterSpec, node: int) -> list[str]:
+    ray = str(Path(sys.executable).with_name("ray"))
+    resources = json.dumps({"labtrain_node": 1, f"node{node}": 1})
+    common = ["--block", f"--num-cpus={spec.cpus_per_node}", "--num-gpus=0", f"--resources={resources}", f"--object-store-memory={spec.object_store_bytes}", "--disable-usage-stats"]
+    if node == 0:
+        return [ray, "start", "--head", f"--port={spec.gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={spec.dashboard_port}", "--node-ip-address=127.0.0.1", *common]
+    return [ray, "start", f"--address=127.0.0.1:{spec.gcs_port}", "--node-ip-address=127.0.0.1", *common]
+
+
+def _wait_for_nodes(spec: ClusterSpec, count: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    url = f"http://127.0.0.1:{spec.dashboard_port}/nodes?view=summary"
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                nodes = json.loads(response.read())["data"]["summary"]
+            alive = [n for n in nodes if n.get("raylet", {}).get("state") == "ALIVE"]
+            if len(alive) >= count:
+                return
+        except (OSError, KeyError, ValueError):
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{count} Ray nodes did not come up within {timeout_s:.0f}s; see the logs in {spec.state_dir}")
+
+
+def up(spec: ClusterSpec | None = None, *, timeout_s: float = 120) -> ClusterState:
+    """Start the nodes and exporters; fails if this state dir already has a running cluster."""
+    spec = spec or ClusterSpec()
+    existing = load_state(spec.state_dir)
+    if existing is not None and any(_alive(pid) for pid in existing.pids):
+        raise RuntimeError(f"a local cluster from {spec.state_dir} is already running at {existing.address}; run `labtrain cluster down` first")
+    os.makedirs(spec.state_dir, exist_ok=True)
+    state = ClusterState(spec=spec)
+    try:
+        for node in range(spec.num_nodes):
+            env = node_env(spec, node)
+            shutil.rmtree(env[METRICS_DIR_ENV], ignore_errors=True)
+            os.makedirs(env[METRICS_DIR_ENV])
+            log = open(os.path.join(spec.state_dir, f"node{node}.log"), "wb")
+            ray = subprocess.Popen(_ray_cmd(spec, node), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            state.pids.append(ray.pid)
+            _save_state(state)
+            _wait_for_nodes(spec, node + 1, timeout_s)
+            port = spec.metrics_base_port + node
+            exporter = subprocess.Popen(
+                [sys.executable, "-m", "labtrain.cli", "metrics", "serve", "--port", str(port), "--dir", env[METRICS_DIR_ENV]],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+            state.pids.append(exporter.pid)
+            state.metrics_ports.append(port)
+            _save_state(state)
+    except BaseException:
+        down(spec.state_dir)
+        raise
+    return state
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def down(state_dir: str = ClusterSpec.state_dir, *, timeout_s: float = 30) -> list[int]:
+    """Stop the process groups ``up`` started (worker nodes first); returns the pids stopped."""
+    state = load_state(state_dir)
+    if state is None:
+        return []
+    stopped = []
+    for pid in reversed(state.pids):
+        if not _alive(pid):
+            continue
+        os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while _group_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if _group_alive(pid):
+            os.killpg(pid, signal.SIGKILL)
+        stopped.append(pid)
+    _state_file(state_dir).unlink()
+    return stopped
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.waitpid(pgid, os.WNOHANG)  # reap it if this process started it, or it lingers as a zombie
+    except ChildProcessError:
+        pass
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
