@@ -135,11 +135,15 @@ def decode(samples: Iterable[Sample], *, decoder: Callable[[Sample], Sample]) ->
         if sample.get("__lost__"):
             yield sample
             continue
+        pos = sample["__pos__"]
         try:
-            yield decoder(sample)
+            out = decoder(sample)
         except Exception as error:  # noqa: BLE001 - any decoder failure makes the sample unusable
             log.warning("skipping sample %s of %s: %s", sample.get("__key__"), sample.get("__url__"), error)
-            yield {"__pos__": sample["__pos__"], "__lost__": True, "__bad_sample__": sample.get("__key__")}
+            yield {"__pos__": pos, "__lost__": True, "__bad_sample__": sample.get("__key__")}
+            continue
+        out["__pos__"] = pos
+        yield out
 
 
 def map_samples(samples: Iterable[Sample], *, fn: Callable[[Sample], Sample]) -> Iterator[Sample]:

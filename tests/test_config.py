@@ -1,0 +1,82 @@
+"""Configs: YAML + overrides -> frozen, validated models; every mistake named, nothing started."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from labtrain.config import ConfigError, DataConfig, RunConfig, load_config, parse_overrides
+from tests.conftest import REPO
+
+from jobs.shapes.config import ShapesConfig
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_file_and_overrides_merge_into_nested_fields(tmp_path):
+    path = write(tmp_path, "data:\n  urls: a-{0..3}.tar\n  batch_size: 8\nrun:\n  num_workers: 2\n")
+    cfg = load_config(ShapesConfig, path, ["data.batch_size=16", "run.strategy=deepspeed", "run.resources_per_worker={node1: 1}"])
+    assert cfg.data.batch_size == 16
+    assert cfg.data.urls == "a-{0..3}.tar"
+    assert cfg.run.strategy == "deepspeed"
+    assert cfg.run.resources_per_worker == {"node1": 1}
+
+
+def test_configs_are_frozen():
+    cfg = RunConfig()
+    with pytest.raises(ValidationError):
+        cfg.num_workers = 3
+
+
+def test_bad_value_names_field_value_and_what_is_allowed(tmp_path):
+    path = write(tmp_path, "data:\n  urls: x.tar\nrun:\n  strategy: horovod\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(ShapesConfig, path)
+    message = str(info.value)
+    assert "run.strategy" in message and "'horovod'" in message
+    assert "'ddp', 'deepspeed' or 'accelerate'" in message
+
+
+def test_out_of_range_value(tmp_path):
+    with pytest.raises(ConfigError, match=r"run.num_workers: value 0 is not allowed: .*greater than or equal to 1"):
+        load_config(ShapesConfig, write(tmp_path, "data: {urls: x.tar}\n"), ["run.num_workers=0"])
+
+
+def test_missing_required_field(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.urls: required field is missing"):
+        load_config(ShapesConfig, write(tmp_path, "data:\n  batch_size: 4\n"))
+
+
+def test_unknown_key_is_rejected_not_ignored(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.batchsize: unknown key \(value 8\)"):
+        load_config(ShapesConfig, write(tmp_path, "data:\n  urls: x.tar\n  batchsize: 8\n"))
+
+
+def test_malformed_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        parse_overrides(["data.batch_size"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(DataConfig, tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(DataConfig, write(tmp_path, "data: [unclosed\n"))
+
+
+def test_job_cli_refuses_bad_config_and_starts_nothing(tmp_path):
+    """python -m jobs.shapes with a bad override: exit 2, one clear message, no data written, no Ray."""
+    env = {"PATH": "/usr/bin:/bin", "LABTRAIN_STORAGE_ROOT": str(tmp_path), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.shapes", "--config", str(REPO / "jobs/shapes/configs/demo.yaml"), "run.num_workers=-1", "epochs=zero"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "run.num_workers: value -1 is not allowed" in proc.stderr
+    assert "epochs: value 'zero' is not allowed" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == [], "a refused config must not write anything"
