@@ -9,7 +9,6 @@ through the environment) or from the standard AWS variables.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -30,7 +29,6 @@ _ENV_KEY = "LABTRAIN_S3_CONFIG"
 def configure(cfg: S3Config) -> None:
     """Use ``cfg`` for s3:// in this process and in every process it starts."""
     os.environ[_ENV_KEY] = cfg.model_dump_json()
-    filesystem.cache_clear()
 
 
 def current_config() -> S3Config:
@@ -55,12 +53,11 @@ def storage_options(cfg: S3Config | None = None) -> dict[str, Any]:
     return options
 
 
-@functools.lru_cache(maxsize=4)
-def filesystem(settings_json: str | None = None):
-    """An s3fs filesystem for the current settings (cached per process; s3fs is fork-aware)."""
+def filesystem(cfg: S3Config | None = None):
+    """An s3fs filesystem for ``cfg`` (default: the configured settings). fsspec caches instances per
+    process and drops them after a fork, so DataLoader workers get their own connections."""
     import s3fs
 
-    cfg = S3Config.model_validate_json(settings_json) if settings_json else current_config()
     return s3fs.S3FileSystem(**storage_options(cfg), default_block_size=8 * 2**20)
 
 

@@ -1,0 +1,87 @@
+"""s3:// shards on a real S3 server (moto's server mode on 127.0.0.1) through s3fs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from labtrain.config import DataConfig
+from labtrain.data import DataStream, ShardWriter, build_index, load_shards, s3
+from tests.data.conftest import make_samples
+
+
+def write_s3_shards(bucket: str, cfg, count: int = 96, per_shard: int = 16) -> str:
+    s3.configure(cfg)
+    with ShardWriter(f"s3://{bucket}/train", max_samples=per_shard) as writer:
+        for sample in make_samples(count):
+            writer.write(sample)
+    return writer.pattern
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_stream_reads_s3_shards_in_every_worker(s3_bucket, num_workers):
+    bucket, cfg = s3_bucket
+    pattern = write_s3_shards(bucket, cfg)
+    assert pattern.startswith(f"s3://{bucket}/train/shard-")
+    data = DataConfig(urls=pattern, batch_size=8, num_workers=num_workers, s3=cfg)
+    keys = sorted(k for rank in range(2) for b in DataStream(data, rank=rank, world_size=2) for k in b["__key__"])
+    assert keys == [f"k{i:06d}" for i in range(96)]
+
+
+def test_index_of_shards_already_on_s3(s3_bucket):
+    bucket, cfg = s3_bucket
+    pattern = write_s3_shards(bucket, cfg, count=40, per_shard=15)
+    s3.filesystem().rm(f"s3://{bucket}/train/index.json")
+    with pytest.raises(ValueError, match="no shard index"):
+        load_shards(pattern)
+    build_index(pattern, progress=False)
+    assert [s.num_samples for s in load_shards(pattern)] == [15, 15, 10]
+
+
+def test_a_new_process_reads_s3_through_webdataset_after_importing_labtrain(s3_bucket):
+    """The opener is registered on import, so any reading process (a Ray worker, say) has it."""
+    bucket, cfg = s3_bucket
+    pattern = write_s3_shards(bucket, cfg, count=20, per_shard=10)
+    code = (
+        "import webdataset as wds, labtrain.data\n"
+        f"print(sum(1 for _ in wds.WebDataset({pattern!r}, shardshuffle=False)))\n"
+    )
+    env_cfg = {"LABTRAIN_S3_CONFIG": cfg.model_dump_json()}
+    import os
+
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env_cfg}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "20"
+
+
+def test_transient_errors_are_retried_with_backoff(s3_bucket, monkeypatch, caplog):
+    bucket, cfg = s3_bucket
+    pattern = write_s3_shards(bucket, cfg, count=16, per_shard=16)
+    fs = s3.filesystem()
+    real_open = fs.open
+    failures = {"left": 2}
+
+    def flaky_open(*args, **kwargs):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise ConnectionError("connection reset by peer")
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(fs, "open", flaky_open)
+    data = DataConfig(urls=pattern, batch_size=4, s3=cfg.model_copy(update={"backoff_s": 0.01}))
+    with caplog.at_level("WARNING"):
+        stream = DataStream(data, rank=0, world_size=1)
+        keys = [k for b in stream for k in b["__key__"]]
+    assert len(keys) == 16 and stream.bad_shards == set()
+    assert sum("transient error" in r.getMessage() for r in caplog.records) >= 2
+
+
+def test_a_missing_s3_shard_is_not_retried_but_skipped(s3_bucket):
+    bucket, cfg = s3_bucket
+    pattern = write_s3_shards(bucket, cfg, count=32, per_shard=16)
+    s3.filesystem().rm(f"s3://{bucket}/train/shard-000001.tar")
+    stream = DataStream(DataConfig(urls=pattern, batch_size=4, max_bad_shards=1, s3=cfg), rank=0, world_size=1)
+    assert len(list(stream)) == 8
+    assert stream.bad_shards == {f"s3://{bucket}/train/shard-000001.tar"}
