@@ -141,7 +141,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def down(state_dir: str = ClusterSpec.state_dir, *, timeout_s: float = 30) -> list[int]:
+def down(state_dir: str = ClusterSpec.state_dir, *, timeout_s: float = 5) -> list[int]:
     """Stop the process groups ``up`` started (worker nodes first); returns the pids stopped."""
     state = load_state(state_dir)
     if state is None:
@@ -150,12 +150,13 @@ def down(state_dir: str = ClusterSpec.state_dir, *, timeout_s: float = 30) -> li
     for pid in reversed(state.pids):
         if not _alive(pid):
             continue
-        os.killpg(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        while _group_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if _group_alive(pid):
-            os.killpg(pid, signal.SIGKILL)
+        for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 10)):
+            if not _group_alive(pid):
+                break
+            os.killpg(pid, sig)
+            deadline = time.monotonic() + wait_s
+            while _group_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
         stopped.append(pid)
     _state_file(state_dir).unlink()
     return stopped

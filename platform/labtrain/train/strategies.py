@@ -79,6 +79,8 @@ class DeepSpeedStrategy:
             "train_micro_batch_size_per_gpu": batch_size,
             "gradient_accumulation_steps": 1,
             "zero_optimization": {"stage": self.cfg.zero_stage},
+            # jobs bring plain torch optimizers (Adam, SGD); ZeRO partitions their state like its own
+            "zero_allow_untested_optimizer": True,
             "steps_per_print": 2**31 - 1,  # labtrain reports progress itself
             "bf16": {"enabled": torch.cuda.is_available() and torch.cuda.is_bf16_supported()},
         }

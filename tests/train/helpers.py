@@ -1,0 +1,85 @@
+"""Training functions the runner tests send to Ray Train workers (importable there via PYTHONPATH)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import ray
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from labtrain import dist
+from labtrain.config import Config, DataConfig, RunConfig
+from labtrain.train import Session
+
+
+class ProbeConfig(Config):
+    data: DataConfig
+    run: RunConfig = Field(default_factory=RunConfig)
+    epochs: int = 1
+    max_steps: int | None = None
+    checkpoint_every: int = 4
+    kill_rank_at_step: int | None = None
+    kill_marker: str | None = None
+    step_sleep_s: float = 0.0
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5))
+
+
+def probe_train(session: Session, cfg: ProbeConfig) -> None:
+    """Trains a tiny classifier on the test shards, recording which sample keys each step consumed.
+
+    The keys go into every checkpoint (cumulatively, per rank), so the final checkpoint shows whether a
+    restart lost or repeated samples. ``kill_rank_at_step`` SIGKILLs rank 1 once (guarded by a marker file).
+    """
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=5, gamma=0.5)
+    model, optimizer, scheduler = session.prepare(model, optimizer, scheduler, batch_size=cfg.data.batch_size)
+    data = session.data(cfg.data)
+    restored = session.restore(data)
+    step = restored.step
+    keys: list[str] = list(restored.extra.get("keys", []))
+    restored_from = list(restored.extra.get("restored_from", [])) + ([step] if restored.resumed else [])
+    losses: list[float] = list(restored.extra.get("losses", []))
+    param_sum = float(sum(p.detach().sum() for p in session.unwrap().parameters()))
+    if restored.resumed and not (cfg.run.strategy == "deepspeed" and cfg.run.zero_stage == 3):  # ZeRO-3 params are partitioned
+        expected = restored.extra.get("param_sum")
+        assert expected is None or abs(expected - param_sum) < 1e-4, f"restored weights differ: {param_sum} vs {expected}"
+
+    info = {"world_size": dist.world_size(), "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+    if cfg.run.strategy == "accelerate":
+        info["num_processes"] = session.strategy.accelerator.num_processes
+    if cfg.run.strategy == "deepspeed":
+        info["zero_stage"] = session.strategy.engine.zero_optimization_stage()
+
+    def extra() -> dict:
+        return {
+            "keys": keys, "restored_from": restored_from, "losses": losses, "info": info,
+            "param_sum": float(sum(p.detach().sum() for p in session.unwrap().parameters())),
+        }
+
+    while data.epoch < cfg.epochs and (cfg.max_steps is None or step < cfg.max_steps):
+        for batch in session.batches(data):
+            x = batch["npy"].float() / 100.0
+            loss = F.cross_entropy(model(x), batch["cls"])
+            losses.append(session.step(loss, num_samples=len(x)))
+            keys.extend(batch["__key__"])
+            step += 1
+            if cfg.step_sleep_s:
+                import time
+
+                time.sleep(cfg.step_sleep_s)
+            if step % cfg.checkpoint_every == 0:
+                session.checkpoint(step, data, extra=extra())
+            if cfg.kill_rank_at_step == step and session.rank == 1 and not os.path.exists(cfg.kill_marker):
+                open(cfg.kill_marker, "w").close()
+                os.kill(os.getpid(), signal.SIGKILL)  # a worker process dies mid-run
+            if cfg.max_steps is not None and step >= cfg.max_steps:
+                break
+    session.checkpoint(step, data, extra=extra())

@@ -1,0 +1,109 @@
+"""The runner on a real 2-node local Ray cluster: strategies, checkpoints, failures, placement, S3."""
+
+from __future__ import annotations
+
+import collections
+import os
+import uuid
+
+import pytest
+import torch
+
+from labtrain.config import DataConfig, RunConfig
+from labtrain.data import write_shards
+from labtrain.train import run
+from tests.data.conftest import make_samples
+from tests.train.helpers import ProbeConfig, probe_train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """256 samples in 8 shards: with 2 ranks and batch 8, 16 steps per epoch and nothing dropped."""
+    return write_shards(make_samples(256), str(tmp_path_factory.mktemp("shards")), max_samples=32, progress=False)
+
+
+def probe(shards: str, tmp_path, **run_fields) -> ProbeConfig:
+    run_cfg = RunConfig(name=f"probe-{uuid.uuid4().hex[:8]}", num_workers=2, storage_path=str(tmp_path / "ckpt"), **run_fields)
+    return ProbeConfig(data=DataConfig(urls=shards, batch_size=8, seed=1), run=run_cfg)
+
+
+def rank_states(result) -> list[dict]:
+    with result.checkpoint.as_directory() as path:
+        files = sorted(f for f in os.listdir(path) if f.startswith("rank-"))
+        return [torch.load(os.path.join(path, f), weights_only=False) for f in files]
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [{"strategy": "ddp"}, {"strategy": "accelerate"}, {"strategy": "deepspeed", "zero_stage": 2}],
+    ids=["ddp", "accelerate", "deepspeed-zero2"],
+)
+def test_strategy_trains_on_two_workers_and_resumes_its_own_checkpoint(ray_cluster, shards, tmp_path, strategy):
+    cfg = probe(shards, tmp_path, **strategy).model_copy(update={"max_steps": 4})
+    first = run(probe_train, cfg, cfg.run, kind="probe")
+    assert first.error is None
+    second_cfg = cfg.model_copy(update={"max_steps": 9})
+    second = run(probe_train, second_cfg, second_cfg.run, kind="probe")  # same name: continues the run
+    assert second.error is None and second.metrics["step"] == 9
+    states = rank_states(second)
+    assert len(states) == 2
+    for state in states:
+        extra = state["extra"]
+        assert extra["restored_from"] == [4]
+        assert extra["info"]["world_size"] == 2
+        if strategy["strategy"] == "accelerate":
+            assert extra["info"]["num_processes"] == 2
+        if strategy["strategy"] == "deepspeed":
+            assert extra["info"]["zero_stage"] == 2
+        assert len(extra["keys"]) == 9 * 8 == len(set(extra["keys"]))
+    all_keys = states[0]["extra"]["keys"] + states[1]["extra"]["keys"]
+    assert len(set(all_keys)) == len(all_keys)  # the two ranks never share a sample
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_deepspeed_zero_stages(ray_cluster, shards, tmp_path, stage):
+    cfg = probe(shards, tmp_path, strategy="deepspeed", zero_stage=stage).model_copy(update={"max_steps": 3})
+    result = run(probe_train, cfg, cfg.run, kind="probe")
+    assert result.error is None
+    assert {s["extra"]["info"]["zero_stage"] for s in rank_states(result)} == {stage}
+
+
+def test_killed_worker_resumes_from_checkpoint_without_losing_or_repeating_a_sample(ray_cluster, shards, tmp_path):
+    marker = tmp_path / "killed"
+    cfg = probe(shards, tmp_path, max_failures=1).model_copy(
+        update={"epochs": 2, "checkpoint_every": 3, "kill_rank_at_step": 5, "kill_marker": str(marker)}
+    )
+    result = run(probe_train, cfg, cfg.run, kind="probe")
+    assert marker.exists(), "the worker was never killed"
+    assert result.error is None
+    assert result.metrics["step"] == 32
+    states = rank_states(result)
+    pids = set()
+    for state in states:
+        assert state["extra"]["restored_from"] == [3]
+        pids.add(state["extra"]["info"]["pid"])
+    counts = collections.Counter(k for s in states for k in s["extra"]["keys"])
+    assert len(counts) == 256 and set(counts.values()) == {2}, "every sample exactly once per epoch"
+
+
+def test_workers_are_placed_on_both_nodes(ray_cluster, shards, tmp_path):
+    cfg = probe(shards, tmp_path, resources_per_worker={"labtrain_node": 1}).model_copy(update={"max_steps": 2})
+    result = run(probe_train, cfg, cfg.run, kind="probe")
+    assert result.error is None
+    assert len({s["extra"]["info"]["node"] for s in rank_states(result)}) == 2
+
+
+def test_checkpoints_on_s3_resume(ray_cluster, shards, tmp_path, s3_bucket):
+    bucket, s3_cfg = s3_bucket
+    cfg = probe(shards, tmp_path).model_copy(update={"max_steps": 3})
+    cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"storage_path": f"s3://{bucket}/runs", "s3": s3_cfg})})
+    assert run(probe_train, cfg, cfg.run, kind="probe").error is None
+    from labtrain.data import s3
+
+    assert any("rank-00001.pt" in p for p in s3.filesystem(s3_cfg).find(f"{bucket}/runs/{cfg.run.name}"))
+    second = cfg.model_copy(update={"max_steps": 5})
+    result = run(probe_train, second, second.run, kind="probe")
+    assert result.error is None
+    assert all(s["extra"]["restored_from"] == [3] for s in rank_states(result))
