@@ -73,7 +73,9 @@ def test_deepspeed_zero_stages(ray_cluster, shards, tmp_path, stage):
 def test_killed_worker_resumes_from_checkpoint_without_losing_or_repeating_a_sample(ray_cluster, shards, tmp_path):
     marker = tmp_path / "killed"
     cfg = probe(shards, tmp_path, max_failures=1).model_copy(
-        update={"epochs": 2, "checkpoint_every": 3, "kill_rank_at_step": 5, "kill_marker": str(marker)}
+        # Ray Train registers a reported checkpoint when its controller next polls the workers (about
+        # once a second): steps of a quarter second leave it time to see step 3's before the kill at 6.
+        update={"epochs": 2, "checkpoint_every": 3, "kill_rank_at_step": 6, "kill_marker": str(marker), "step_sleep_s": 0.25}
     )
     result = run(probe_train, cfg, cfg.run, kind="probe")
     assert marker.exists(), "the worker was never killed"

@@ -58,7 +58,8 @@ def filesystem(cfg: S3Config | None = None):
     process and drops them after a fork, so DataLoader workers get their own connections."""
     import s3fs
 
-    return s3fs.S3FileSystem(**storage_options(cfg), default_block_size=8 * 2**20)
+    # No listings cache: checkpoints appear under prefixes this process may have listed before.
+    return s3fs.S3FileSystem(**storage_options(cfg), default_block_size=8 * 2**20, use_listings_cache=False)
 
 
 def _is_transient(error: BaseException) -> bool:
