@@ -90,7 +90,7 @@ def open_url(url: str, mode: str = "rb") -> IO[bytes]:
         return with_retries(lambda: fs.open(url, mode), what=url)
     if url.startswith("file:"):
         url = url[len("file:"):]
-    return open(url, mode)
+    return open(url, mode, buffering=2**20)  # large reads: tar parsing asks for 512-byte pieces
 
 
 def gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192) -> IO[bytes]:

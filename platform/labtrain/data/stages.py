@@ -93,12 +93,18 @@ def split_for_worker(ranges: Ranges, *, batch_size: int, worker: int, num_worker
     return take(ranges, first, per_worker[worker] * batch_size)
 
 
+def _with_url(files: Iterator[Sample], url: str) -> Iterator[Sample]:
+    for f in files:
+        f["__url__"] = url  # group_by_keys wants it on every file; tar_file_iterator yields fresh dicts
+        yield f
+
+
 def _read_shard(url: str, skip: int, count: int) -> Iterator[Sample]:
     """Samples ``skip .. skip+count`` of one tar; raises if the shard ends early or is corrupt."""
     with open_url(url, "rb") as stream:
-        files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
+        files = tar_file_iterator(stream)
         seen = 0
-        for sample in group_by_keys(files):
+        for sample in group_by_keys(_with_url(files, url)):
             if seen >= skip:
                 yield sample
                 if seen - skip + 1 == count:
