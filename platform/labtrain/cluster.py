@@ -159,7 +159,19 @@ def down(state_dir: str = ClusterSpec.state_dir, *, timeout_s: float = 5) -> lis
                 time.sleep(0.2)
         stopped.append(pid)
     _state_file(state_dir).unlink()
+    _forget_current_cluster(state.spec.gcs_port)
     return stopped
+
+
+def _forget_current_cluster(gcs_port: int) -> None:
+    """Ray remembers the last head it started in /tmp/ray/ray_current_cluster, and a later plain
+    ``ray.init()`` tries to join it; after a kill that file would point at nothing."""
+    marker = Path("/tmp/ray/ray_current_cluster")
+    try:
+        if marker.read_text().strip().endswith(f":{gcs_port}"):
+            marker.unlink()
+    except OSError:
+        pass
 
 
 def _group_alive(pgid: int) -> bool:
