@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 from labtrain.config import Config, ConfigError, DataConfig, RunConfig, load_config
 from labtrain.data.index import expand_urls
@@ -22,7 +22,8 @@ def storage_root() -> str:
     return os.environ.get(STORAGE_ROOT_ENV) or os.path.abspath("runs")
 
 
-def _absolute(path: str) -> str:
+def resolve_path(path: str) -> str:
+    """``path`` as every worker must see it: URLs and absolute paths as they are, others under the storage root."""
     if "://" in path or os.path.isabs(path):
         return path
     root = storage_root()
@@ -35,10 +36,10 @@ def resolve_local_paths(cfg: C) -> C:
     updates = {}
     for name, value in cfg:
         if isinstance(value, DataConfig):
-            index = _absolute(value.index) if value.index else None
-            updates[name] = value.model_copy(update={"urls": "::".join(_absolute(p) for p in value.urls.split("::")), "index": index})
+            index = resolve_path(value.index) if value.index else None
+            updates[name] = value.model_copy(update={"urls": "::".join(resolve_path(p) for p in value.urls.split("::")), "index": index})
         elif isinstance(value, RunConfig):
-            updates[name] = value.model_copy(update={"storage_path": _absolute(value.storage_path)})
+            updates[name] = value.model_copy(update={"storage_path": resolve_path(value.storage_path)})
     return cfg.model_copy(update=updates)
 
 
@@ -55,6 +56,7 @@ def job_main(
     *,
     kind: str,
     prepare: Callable[[C], C] | None = None,
+    report: Callable[[C, Any], None] | None = None,
     argv: list[str] | None = None,
     description: str | None = None,
 ) -> int:
@@ -78,7 +80,10 @@ def job_main(
     if result.error is not None:
         print(f"error: the run failed: {result.error}", file=sys.stderr)
         return 1
-    print(f"done: {result.metrics}")
+    if report is not None:
+        report(cfg, result)
+    else:
+        print(f"done: {result.metrics}")
     if result.checkpoint is not None:
         print(f"latest checkpoint: {result.checkpoint.path}")
     return 0

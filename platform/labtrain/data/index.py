@@ -8,11 +8,10 @@ once for shards written elsewhere.
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import tarfile
 from dataclasses import dataclass
-from typing import Iterable, Iterator
-
 import braceexpand
 from tqdm import tqdm
 
@@ -94,8 +93,6 @@ def count_samples(stream) -> int:
 def _size(url: str) -> int:
     if url.startswith("s3://"):
         return int(filesystem().size(url))
-    import os
-
     return os.path.getsize(url)
 
 
@@ -108,10 +105,3 @@ def build_index(pattern: str, index_url: str | None = None, *, progress: bool = 
             entries[posixpath.basename(url)] = {"num_samples": count_samples(stream), "size_bytes": _size(url)}
     write_index(index_url or default_index_url(pattern), entries)
     return entries
-
-
-def iter_index_totals(shards: Iterable[Shard]) -> Iterator[int]:
-    total = 0
-    for shard in shards:
-        total += shard.num_samples
-        yield total

@@ -7,6 +7,7 @@ values are encoded by webdataset by their extension (``cls`` -> text, ``npy`` ->
 from __future__ import annotations
 
 import io
+import os
 import posixpath
 from typing import Any, Iterable
 
@@ -33,8 +34,6 @@ class ShardWriter:
         self._name = ""
         self._count = 0
         if not out.startswith("s3://"):
-            import os
-
             os.makedirs(out, exist_ok=True)
 
     def _open(self) -> None:
