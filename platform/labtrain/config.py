@@ -64,7 +64,7 @@ class RunConfig(Config):
     """How a training function runs on Ray Train."""
 
     name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$", description="Run name; checkpoints go to <storage_path>/<name>.")
-    num_workers: int = Field(2, ge=1, description="Ray Train workers (one process each).")
+    num_workers: int = Field(2, ge=0, description="Ray Train workers (one process each); 0 runs the function in this process (Ray Train local mode: no Ray cluster, checkpoints not kept).")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker; 0 trains on CPU over gloo.")
     resources_per_worker: dict[str, float] = Field(default_factory=dict, description="Extra Ray resources per worker, e.g. {'node_b': 1}.")

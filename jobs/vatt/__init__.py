@@ -1,0 +1,1 @@
+"""VATT pretraining with cross-modality gradient harmonization (the lab's flagship job)."""

@@ -1,0 +1,113 @@
+"""Config of the VATT job: sizes, the synthetic corpus, harmonization switches, and the run."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from labtrain.config import Config, DataConfig, RunConfig
+
+
+class ModelConfig(Config):
+    """VATT with one modality-agnostic Transformer (the paper's "ut_fac")."""
+
+    d_model: int = Field(64, ge=8, description="Transformer width (Base: 768).")
+    num_layers: int = Field(2, ge=1, description="Shared Transformer layers (Base: 12).")
+    num_heads: int = Field(4, ge=1, description="Attention heads (Base: 12); must divide d_model.")
+    d_ff: int = Field(128, ge=8, description="Feed-forward width (Base: 3072).")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout in the Transformer.")
+    num_frames: int = Field(8, ge=1, description="Frames per clip (Base: 32).")
+    frame_size: int = Field(32, ge=4, description="Square frame side in pixels (Base: 224).")
+    video_patch: tuple[int, int] = Field((2, 8), description="Video patch (frames, pixels): kernel = stride of the 3-D conv (Base: (4, 16)).")
+    audio_samples: int = Field(1024, ge=8, description="Raw waveform samples per clip.")
+    audio_patch: int = Field(64, ge=1, description="Waveform samples per audio token (Base: 128).")
+    text_len: int = Field(8, ge=1, description="Words per text (Base: 16).")
+    vocab_size: int = Field(256, ge=2, description="Word ids 0..vocab_size-1; 0 is padding (Base: 2**16).")
+    word_dim: int = Field(32, ge=1, description="Frozen word-embedding width (Base: 300).")
+    drop_token: float = Field(0.5, ge=0, lt=1, description="Share of video and audio tokens dropped in training (DropToken).")
+    post_dim: int = Field(128, ge=8, description="Modality-specific post-projection width (Base: 1024).")
+    va_dim: int = Field(64, ge=8, description="Video-audio common space (Base: 512).")
+    vat_dim: int = Field(32, ge=8, description="Video-audio-text common space (Base: 256).")
+    temperature: float = Field(0.07, gt=0, description="NCE temperature.")
+
+    @model_validator(mode="after")
+    def _sizes_fit(self) -> "ModelConfig":
+        frames, pixels = self.video_patch
+        problems = []
+        if self.num_frames % frames:
+            problems.append(f"video_patch frames {frames} does not divide num_frames {self.num_frames}")
+        if self.frame_size % pixels:
+            problems.append(f"video_patch pixels {pixels} does not divide frame_size {self.frame_size}")
+        if self.audio_samples % self.audio_patch:
+            problems.append(f"audio_patch {self.audio_patch} does not divide audio_samples {self.audio_samples}")
+        if self.d_model % self.num_heads:
+            problems.append(f"num_heads {self.num_heads} does not divide d_model {self.d_model}")
+        if problems:
+            raise ValueError("sizes do not fit: " + "; ".join(problems))
+        return self
+
+    @property
+    def num_video_tokens(self) -> int:
+        frames, pixels = self.video_patch
+        return (self.num_frames // frames) * (self.frame_size // pixels) ** 2
+
+    @property
+    def num_audio_tokens(self) -> int:
+        return self.audio_samples // self.audio_patch
+
+
+class HarmonizeConfig(Config):
+    """Cross-modality gradient harmonization (arXiv 2211.02077), each part switchable."""
+
+    realign: bool = Field(True, description="Project the video-audio and video-text per-sample gradients when they conflict (cosine < 0), PCGrad-style.")
+    curriculum: Literal["none", "hard", "soft"] = Field("hard", description="Which triplets train: 'hard' keeps cosine >= gamma(t); 'soft' weighs by sigmoid(kappa * cosine).")
+    gamma_start: float = Field(0.0, ge=-1, le=1, description="Hard curriculum threshold at step 0 (0: conflicting triplets are dropped).")
+    anneal_fraction: float = Field(0.4, gt=0, le=1, description="Share of training over which the threshold falls linearly to -1 (all kept).")
+    kappa: float = Field(5.0, gt=0, description="Soft curriculum sharpness.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.realign or self.curriculum != "none"
+
+
+class SyntheticConfig(Config):
+    """A corpus whose ground truth is known: a latent class and style drive video, audio and text."""
+
+    num_samples: int = Field(2048, ge=16, description="Triplets to write.")
+    samples_per_shard: int = Field(256, ge=1, description="Triplets per shard.")
+    num_classes: int = Field(8, ge=2, description="Latent classes.")
+    num_styles: int = Field(4, ge=1, description="Latent styles (shared by video and audio, not text).")
+    misaligned: float = Field(0.3, ge=0, le=1, description="Share of triplets whose text or audio is swapped with another triplet's.")
+    noise: float = Field(0.5, ge=0, description="Std of the per-modality noise.")
+    seed: int = Field(0, description="Seed of the corpus (the same seed gives the same class-to-signal maps).")
+
+
+class EvalConfig(Config):
+    urls: str = Field(description="Clean held-out shards (written from `synthetic` with misaligned = 0 when missing).")
+    batch_size: int = Field(128, ge=2, description="Evaluation batch size.")
+    num_samples: int = Field(512, ge=16, description="Clean held-out triplets (misaligned = 0), written beside the training shards.")
+    probe_steps: int = Field(300, ge=1, description="Optimizer steps of the linear probe.")
+
+
+class VattConfig(Config):
+    data: DataConfig = Field(description="Training shards (written from `synthetic` when missing).")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Network sizes.")
+    harmonize: HarmonizeConfig = Field(default_factory=HarmonizeConfig, description="Gradient harmonization.")
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig, description="Synthetic corpus.")
+    eval: EvalConfig = Field(description="Evaluation at the end of the run.")
+    run: RunConfig = Field(default_factory=RunConfig, description="Workers, strategy, checkpoints.")
+    epochs: int = Field(4, ge=1, description="Passes over the training shards.")
+    lr: float = Field(1e-3, gt=0, description="Peak Adam learning rate.")
+    warmup_steps: int = Field(20, ge=0, description="Linear warmup, then cosine decay to lr_end_ratio * lr.")
+    lr_end_ratio: float = Field(0.05, ge=0, le=1, description="Final learning rate as a share of the peak.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    checkpoint_every: int = Field(50, ge=1, description="Steps between checkpoints.")
+    log_every: int = Field(10, ge=1, description="Steps between progress lines and metric updates.")
+    out_dir: str = Field("vatt/out", description="Where the evaluation JSON and plot go (under the storage root if relative).")
+
+    @model_validator(mode="after")
+    def _data_fits(self) -> "VattConfig":
+        if self.data.batch_size < 2:
+            raise ValueError("data.batch_size must be at least 2: contrastive losses need negatives")
+        return self

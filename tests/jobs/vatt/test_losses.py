@@ -1,0 +1,132 @@
+"""VATT losses and harmonization: against references, across 2 gloo ranks, and per-sample exactness."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as torch_dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from jobs.vatt.config import HarmonizeConfig, ModelConfig
+from jobs.vatt.losses import curriculum_threshold, objective, per_sample_gradients, realign, symmetric_nce
+from jobs.vatt.model import VattModel
+
+
+def test_nce_is_symmetric_cross_entropy_for_single_candidates():
+    torch.manual_seed(0)
+    a, b = torch.randn(6, 1, 8), torch.randn(6, 1, 8)
+    logits = F.normalize(a[:, 0], dim=1) @ F.normalize(b[:, 0], dim=1).T / 0.07
+    target = torch.arange(6)
+    reference = F.cross_entropy(logits, target, reduction="none") + F.cross_entropy(logits.T, target, reduction="none")
+    torch.testing.assert_close(symmetric_nce(a, b, 0.07), reference)
+    torch.testing.assert_close(symmetric_nce(a, b, 0.07, own_only=True), reference)  # same value, fewer gradient paths
+
+
+def test_mil_nce_takes_the_best_bag_of_candidates():
+    torch.manual_seed(0)
+    video = torch.randn(4, 1, 8)
+    texts = torch.randn(4, 3, 8)
+    texts[:, 1] = video[:, 0] * 5  # one of the three narrations matches its clip
+    assert symmetric_nce(video, texts, 0.07).mean() < symmetric_nce(video, torch.randn(4, 3, 8), 0.07).mean()
+
+
+def _ranked(rank: int, world: int, path: str, a: torch.Tensor, b: torch.Tensor, out: dict) -> None:
+    torch_dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
+    half = len(a) // world
+    mine = slice(rank * half, (rank + 1) * half)
+    la, lb = a[mine].clone().requires_grad_(), b[mine].clone().requires_grad_()
+    loss = symmetric_nce(la, lb, 0.07)
+    own = symmetric_nce(la, lb, 0.07, own_only=True)
+    loss.sum().backward()
+    out[rank] = (loss.detach(), own.detach(), la.grad)
+    torch_dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_use_the_global_batch_as_negatives(tmp_path):
+    """Each rank holds half the batch; losses and gradients equal one process holding all of it."""
+    torch.manual_seed(0)
+    a, b = torch.randn(8, 1, 16), torch.randn(8, 1, 16)
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_ranked, args=(2, str(tmp_path / "store"), a, b, out), nprocs=2)
+        results = dict(out)
+    full_a = a.clone().requires_grad_()
+    reference = symmetric_nce(full_a, b, 0.07)
+    reference.sum().backward()
+    torch.testing.assert_close(torch.cat([results[0][0], results[1][0]]), reference.detach())
+    torch.testing.assert_close(torch.cat([results[0][1], results[1][1]]), reference.detach())
+    # the gather's backward brings back the terms where a rank's samples were the other rank's negatives
+    torch.testing.assert_close(torch.cat([results[0][2], results[1][2]]), full_a.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture
+def tiny_model():
+    torch.manual_seed(0)
+    cfg = ModelConfig(frame_size=8, video_patch=(2, 4), num_frames=4, audio_samples=256, audio_patch=32, text_len=4, vocab_size=32, d_model=32, d_ff=32, post_dim=16, va_dim=16, vat_dim=8)
+    model = VattModel(cfg)
+    batch = (torch.randn(6, 3, 4, 8, 8), torch.randn(6, 256), torch.randint(1, 32, (6, 4)))
+    return model, batch
+
+
+def test_per_sample_gradients_equal_one_backward_pass_per_sample(tiny_model):
+    """Two autograd.grad calls give what B separate backward passes give (heads in eval mode, so that
+    batch norm does not couple the samples)."""
+    model, batch = tiny_model
+    model.heads.eval()
+    emb = model(*batch, split_video=True)
+    own_va, own_vt = per_sample_gradients(emb, 0.07)
+    B = len(own_va)
+    for i in range(B):
+        for name, got, (x, y) in (("va", own_va, (emb.video_va, emb.audio_va)), ("vt", own_vt, (emb.video_vat, emb.text_vat))):
+            loss_i = symmetric_nce(x.unsqueeze(1), y.unsqueeze(1), 0.07, own_only=True)[i] / B
+            expected, = torch.autograd.grad(loss_i, emb.shared_BD, retain_graph=True)
+            torch.testing.assert_close(got[i], expected[i], msg=f"{name} row {i}")
+            assert expected[[j for j in range(B) if j != i]].abs().max() == 0  # sample i's own loss touches only row i
+
+
+def test_realignment_projects_only_conflicting_pairs():
+    torch.manual_seed(0)
+    g_va, g_vt = torch.randn(64, 16), torch.randn(64, 16)
+    cos = F.cosine_similarity(g_va, g_vt, dim=1)
+    g = realign(g_va, g_vt, cos)
+    agree = cos >= 0
+    torch.testing.assert_close(g[agree], (g_va + g_vt)[agree])
+    dot = (g_va * g_vt).sum(1, keepdim=True)
+    va_p = g_va - dot / g_vt.pow(2).sum(1, keepdim=True) * g_vt
+    assert ((va_p * g_vt).sum(1)[~agree].abs() < 1e-4).all()  # the projected part is orthogonal to the other
+    assert ((g * g_va).sum(1)[~agree] >= -1e-5).all() and ((g * g_vt).sum(1)[~agree] >= -1e-5).all()
+
+
+def test_curriculum_threshold_anneals_to_keep_everything():
+    cfg = HarmonizeConfig(gamma_start=0.0, anneal_fraction=0.5)
+    assert curriculum_threshold(cfg, 0, 100) == 0.0
+    assert curriculum_threshold(cfg, 25, 100) == pytest.approx(-0.5)
+    assert curriculum_threshold(cfg, 50, 100) == -1.0 == curriculum_threshold(cfg, 90, 100)
+
+
+def test_harmonized_objective_sends_its_gradient_into_the_backbone(tiny_model):
+    """Off, the split objective gives exactly the plain gradients; on, the curriculum drops samples."""
+    model, batch = tiny_model
+    plain_cfg = HarmonizeConfig(realign=False, curriculum="none")
+
+    def grads(split: bool, cfg: HarmonizeConfig, step: int = 0):
+        torch.manual_seed(1)  # same DropToken choice
+        model.zero_grad()
+        emb = model(*batch, split_video=split)
+        loss, stats = objective(emb, cfg, 0.07, step=step, total_steps=100)
+        loss.backward()
+        return loss.detach(), stats, [p.grad.clone() for p in model.backbone.video.parameters()]
+
+    loss_a, _, plain = grads(False, plain_cfg)
+    loss_b, stats, split = grads(True, plain_cfg)
+    torch.testing.assert_close(loss_a, loss_b)
+    for x, y in zip(plain, split):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+    assert stats.cos is not None and stats.kept == 1.0
+    _, hard, harmonized = grads(True, HarmonizeConfig(realign=True, curriculum="hard", gamma_start=0.0))
+    assert hard.kept == pytest.approx(float((hard.cos >= 0).float().mean()))
+    if 0 < hard.kept < 1:
+        assert any(not torch.allclose(x, y) for x, y in zip(plain, harmonized))
