@@ -5,7 +5,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --progress-bar off -c constraints.txt
-DEMO_CONFIG ?= jobs/shapes/configs/demo.yaml
+DEMO_JOB ?= jobs.vatt
+DEMO_CONFIG ?= jobs/vatt/configs/tiny.yaml
 
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # DeepSpeed compiles its CPU ops once; keep them between runs.
@@ -32,7 +33,7 @@ tools:
 # Start the embedded local cluster, run the main job end to end through `ray job submit`, stop the cluster.
 demo: install
 	labtrain cluster up
-	status=0; ray job submit --working-dir . -- python -m jobs.shapes --config $(DEMO_CONFIG) || status=$$?; \
+	status=0; ray job submit --working-dir . -- python -m $(DEMO_JOB) --config $(DEMO_CONFIG) || status=$$?; \
 	  labtrain cluster down; exit $$status
 
 test: install tools

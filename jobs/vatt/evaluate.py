@@ -12,13 +12,15 @@ import torch.nn.functional as F
 
 from jobs.vatt.config import VattConfig
 from jobs.vatt.data import TripletDecoder, to_tensors
-from labtrain.data import DataStream
+from labtrain.data import DataStream, load_shards
 
 
 @torch.no_grad()
 def embed(model, cfg: VattConfig, device) -> dict[str, torch.Tensor]:
     """Frozen features of the clean held-out split (no DropToken: eval mode)."""
-    data_cfg = cfg.data.model_copy(update={"urls": cfg.eval.urls, "index": None, "batch_size": cfg.eval.batch_size, "shuffle_buffer": 0, "num_workers": 0})
+    total = sum(shard.num_samples for shard in load_shards(cfg.eval.urls))
+    batch_size = min(cfg.eval.batch_size, total)  # the last partial batch (< batch_size clips) is left out
+    data_cfg = cfg.data.model_copy(update={"urls": cfg.eval.urls, "index": None, "batch_size": batch_size, "shuffle_buffer": 0, "num_workers": 0})
     stream = DataStream(data_cfg, decoder=TripletDecoder(cfg.model), transform=to_tensors, rank=0, world_size=1)
     model.eval()
     parts: dict[str, list] = {"video": [], "video_vat": [], "text_vat": [], "label": [], "style": []}

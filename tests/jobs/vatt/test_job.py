@@ -1,0 +1,92 @@
+"""The VATT job: config checks, bad triplets, and real runs on the 2-node cluster with every strategy."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+
+import numpy as np
+import pytest
+
+from jobs.vatt import data as vatt_data
+from jobs.vatt.__main__ import prepare
+from jobs.vatt.config import ModelConfig, SyntheticConfig, VattConfig
+from jobs.vatt.train import train
+from labtrain.config import ConfigError, DataConfig, load_config
+from labtrain.data import DataStream, write_shards
+from labtrain.train import run
+from tests.conftest import REPO
+
+TINY = REPO / "jobs/vatt/configs/tiny.yaml"
+SMALL = ["model.frame_size=8", "model.video_patch=[2, 4]", "model.num_frames=4", "model.audio_samples=256", "model.audio_patch=32",
+         "model.d_model=32", "model.d_ff=64", "synthetic.num_samples=128", "synthetic.samples_per_shard=32", "eval.num_samples=64",
+         "data.batch_size=16", "epochs=1", "checkpoint_every=2", "log_every=2", "eval.probe_steps=20"]
+
+
+def test_sizes_that_do_not_fit_are_refused_with_the_reason():
+    with pytest.raises(ConfigError, match="video_patch pixels 6 does not divide frame_size 16"):
+        load_config(VattConfig, TINY, ["model.video_patch=[2, 6]"])
+    with pytest.raises(ConfigError, match="num_heads 3 does not divide d_model 64"):
+        load_config(VattConfig, TINY, ["model.num_heads=3"])
+    with pytest.raises(ConfigError, match="batch_size must be at least 2"):
+        load_config(VattConfig, TINY, ["data.batch_size=1"])
+
+
+def test_the_corpus_plants_the_misaligned_share():
+    model, syn = ModelConfig(frame_size=8, video_patch=(2, 4)), SyntheticConfig(num_samples=400, misaligned=0.3)
+    flags = [s["json"]["misaligned"] for s in vatt_data.samples(syn, model)]
+    assert 0.22 < np.mean(flags) < 0.38
+    clean = [s["json"]["misaligned"] for s in vatt_data.samples(syn, model, count=100, split_seed=1, misaligned=0.0)]
+    assert sum(clean) == 0
+
+
+def test_bad_triplets_are_skipped_by_name_and_counted(tmp_path, caplog):
+    model = ModelConfig(frame_size=8, video_patch=(2, 4))
+    good = list(vatt_data.samples(SyntheticConfig(num_samples=29, misaligned=0.0), model))
+    no_audio = dict(good[3]); del no_audio["audio.npy"]
+    wrong_shape = dict(good[7], **{"video.npy": np.zeros((2, 8, 8, 3), np.uint8)})
+    empty_text = dict(good[11], **{"text.npy": np.zeros(model.text_len, np.int16)})
+    samples = good[:3] + [no_audio] + good[4:7] + [wrong_shape] + good[8:11] + [empty_text] + good[12:]
+    pattern = write_shards(samples, str(tmp_path), max_samples=10, progress=False)
+    stream = DataStream(DataConfig(urls=pattern, batch_size=4), decoder=vatt_data.TripletDecoder(model), transform=vatt_data.to_tensors, rank=0, world_size=1)
+    with caplog.at_level("WARNING"):
+        batches = list(stream)
+    assert len(batches) == 29 // 4  # the run goes on with full batches
+    assert stream.skipped_samples == 3
+    text = caplog.text
+    assert "has no audio.npy" in text and "has shape (2, 8, 8, 3)" in text and "empty text" in text
+    for bad in (no_audio, wrong_shape, empty_text):
+        assert bad["__key__"] in text
+
+
+def small_cfg(tmp_path, *extra: str) -> VattConfig:
+    name = f"vatt-{uuid.uuid4().hex[:6]}"
+    overrides = [*SMALL, f"run.name={name}", f"data.urls={tmp_path}/train/shard-{{000000..000003}}.tar",
+                 f"eval.urls={tmp_path}/eval/shard-{{000000..000001}}.tar", f"run.storage_path={tmp_path}/ckpt", f"out_dir={tmp_path}/out", *extra]
+    return prepare(load_config(VattConfig, TINY, overrides))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed", "accelerate"])
+def test_vatt_trains_on_two_workers_with_each_strategy(ray_cluster, tmp_path, strategy):
+    cfg = small_cfg(tmp_path, f"run.strategy={strategy}")
+    result = run(train, cfg, cfg.run, kind="vatt")
+    assert result.error is None
+    report = json.loads((tmp_path / "out" / f"{cfg.run.name}-eval.json").read_text())
+    assert (tmp_path / "out" / f"{cfg.run.name}-curves.png").stat().st_size > 10_000
+    assert report["steps"] == 128 // 2 // 16
+    for key in ("retrieval_r1", "retrieval_r5", "retrieval_r10", "linear_probe_accuracy", "conflict_auroc"):
+        assert 0 <= report[key] <= 1, key
+    assert report["history"] and all(0 <= h["conflict_rate"] <= 1 for h in report["history"])
+
+
+@pytest.mark.slow
+def test_vatt_resumes_from_its_checkpoint(ray_cluster, tmp_path):
+    cfg = small_cfg(tmp_path)
+    assert run(train, cfg, cfg.run, kind="vatt").error is None
+    longer = cfg.model_copy(update={"epochs": 2})
+    assert run(train, longer, longer.run, kind="vatt").error is None
+    history = json.loads((tmp_path / "out" / f"{cfg.run.name}-eval.json").read_text())["history"]
+    steps = [h["step"] for h in history]
+    assert steps == sorted(set(steps)) and steps[-1] == 2 * 4  # the second run continued the first's steps
