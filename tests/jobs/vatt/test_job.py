@@ -90,3 +90,12 @@ def test_vatt_resumes_from_its_checkpoint(ray_cluster, tmp_path):
     history = json.loads((tmp_path / "out" / f"{cfg.run.name}-eval.json").read_text())["history"]
     steps = [h["step"] for h in history]
     assert steps == sorted(set(steps)) and steps[-1] == 2 * 4  # the second run continued the first's steps
+
+
+def test_base_preset_matches_vatt_base():
+    from jobs.vatt.model import VattModel
+
+    cfg = load_config(VattConfig, REPO / "jobs/vatt/configs/base.yaml")
+    assert (cfg.model.num_video_tokens, cfg.model.num_audio_tokens) == (8 * 14 * 14, 1200)
+    backbone = VattModel(cfg.model).backbone
+    assert len(backbone.encoder.layers) == 12 and backbone.encoder.layers[0].self_attn.num_heads == 12
