@@ -99,3 +99,17 @@ def test_base_preset_matches_vatt_base():
     assert (cfg.model.num_video_tokens, cfg.model.num_audio_tokens) == (8 * 14 * 14, 1200)
     backbone = VattModel(cfg.model).backbone
     assert len(backbone.encoder.layers) == 12 and backbone.encoder.layers[0].self_attn.num_heads == 12
+
+
+@pytest.mark.slow
+def test_experiment_runs_at_small_size(tmp_path):
+    """The harmonization experiment end to end, one seed, both settings, with the planted misalignment."""
+    from jobs.vatt import experiment
+
+    overrides = [o for o in SMALL if not o.startswith("data.batch_size")] + ["data.batch_size=32"]
+    assert experiment.main(["--config", str(TINY), "--seeds", "0", "--misaligned", "0.3", "--out", str(tmp_path), *overrides]) == 0
+    result = json.loads((tmp_path / "experiment.json").read_text())
+    assert {r["setting"] for r in result["runs"]} == {"plain", "harmonized"}
+    for row in result["runs"]:
+        assert 0 <= row["conflict_auroc"] <= 1 and 0 <= row["retrieval_r1"] <= 1
+    assert (tmp_path / "experiment.png").stat().st_size > 10_000
