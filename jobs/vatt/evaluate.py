@@ -95,6 +95,17 @@ def summary(report: dict) -> str:
     return ", ".join(f"{k} {report[k]:.3f}" for k in keys if k in report and not math.isnan(report[k]))
 
 
+def jsonable(obj):
+    """NaN (an AUROC with no misaligned triplet to find, say) as null, so the files are strict JSON."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    return obj
+
+
 def write_report(report: dict, cfg: VattConfig) -> list[str]:
     """``<out_dir>/<run name>-eval.json`` and ``-curves.png`` (loss, conflict rate, kept share over steps)."""
     import matplotlib
@@ -106,7 +117,7 @@ def write_report(report: dict, cfg: VattConfig) -> list[str]:
     os.makedirs(out, exist_ok=True)
     json_path = os.path.join(out, f"{cfg.run.name}-eval.json")
     with open(json_path, "w") as f:
-        json.dump({"config": cfg.model_dump(mode="json"), **report}, f, indent=1, default=float)
+        json.dump(jsonable({"config": cfg.model_dump(mode="json"), **report}), f, indent=1, allow_nan=False)
     history = report["history"]
     steps = [h["step"] for h in history]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))

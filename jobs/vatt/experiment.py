@@ -25,6 +25,7 @@ from rich.table import Table
 
 from jobs.vatt.__main__ import prepare
 from jobs.vatt.config import VattConfig
+from jobs.vatt.evaluate import jsonable
 from jobs.vatt.train import train
 from labtrain.config import load_config
 from labtrain.train import run
@@ -114,10 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         table.add_row(f"{s['misaligned']:.0%}", s["setting"], str(s["seeds"]), *(f"{s[k]:.3f} ± {s[k + '_sd']:.3f}" for k in ("conflict_auroc", "retrieval_r1", "retrieval_r10", "linear_probe_accuracy")))
     console.print(table)
     with open(os.path.join(root, "experiment.json"), "w") as f:
-        json.dump({"runs": rows, "summary": summary, "config": base.model_dump(mode="json")}, f, indent=1)
+        json.dump(jsonable({"runs": rows, "summary": summary, "config": base.model_dump(mode="json")}), f, indent=1, allow_nan=False)
     plot(summary, os.path.join(root, "experiment.png"))
     console.print(f"wrote {root}/experiment.json and experiment.png")
-    print(json.dumps({"summary": summary}))
+    print(json.dumps(jsonable({"summary": summary})))
     return 0
 
 

@@ -12,8 +12,8 @@ never B backward passes. Their cosine c_i is the conflict score.
 - curriculum: 'hard' keeps sample i while c_i >= gamma(t), gamma falling linearly from gamma_start to -1
   over the first ``anneal_fraction`` of training; 'soft' weighs it by sigmoid(kappa * c_i). Loss and
   gradients are renormalized by the kept weight.
-The backbone gets the harmonized gradient through a surrogate term whose value is zero, so every strategy
-(DDP, DeepSpeed, Accelerate) still takes one scalar loss and runs one backward pass.
+Realignment reaches the backbone through a term whose value is zero, so every strategy (DDP, DeepSpeed,
+Accelerate) still takes one scalar loss and runs one backward pass.
 """
 
 from __future__ import annotations
@@ -122,39 +122,43 @@ class StepStats:
         return float(self.cos.mean()) if self.cos is not None else float("nan")
 
 
-def per_sample_gradients(emb: Embeddings, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows of dL/dZ for each loss: each sample's own part (stop-gradient negatives) and the full gradient."""
-    Z = emb.shared_BD
+def per_sample_gradients(emb: Embeddings, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sample's own gradient of each loss w.r.t. its row of Z (stop-gradient negatives), (B, D) each.
+    Two ``autograd.grad`` calls through the heads only: Z is an intermediate tensor, nothing below it runs."""
+    Z = emb.video_BD
     own_va = symmetric_nce(emb.video_va.unsqueeze(1), emb.audio_va.unsqueeze(1), temperature, own_only=True).mean()
     own_vt = symmetric_nce(emb.video_vat.unsqueeze(1), emb.text_vat.unsqueeze(1), temperature, own_only=True).mean()
-    return (*torch.autograd.grad(own_va, Z, retain_graph=True), *torch.autograd.grad(own_vt, Z, retain_graph=True))  # type: ignore[return-value]
+    g_va, = torch.autograd.grad(own_va, Z, retain_graph=True)
+    g_vt, = torch.autograd.grad(own_vt, Z, retain_graph=True)
+    return g_va, g_vt
 
 
-def objective(emb: Embeddings, cfg: HarmonizeConfig, temperature: float, *, step: int, total_steps: int) -> tuple[torch.Tensor, StepStats]:
-    """The scalar to backpropagate, and the step's statistics. Plain VATT when ``emb`` was not split.
+def objective(emb: Embeddings, cfg: HarmonizeConfig, temperature: float, *, step: int, total_steps: int, measure: bool = True) -> tuple[torch.Tensor, StepStats]:
+    """The scalar to backpropagate, and the step's statistics.
 
-    Conflict scores and realignment use each triplet's own gradients (its loss with the other samples'
-    embeddings held constant); the rest of the full gradient (sample i as another's negative) passes
-    through unchanged: g_i = realign(own_va,i, own_vt,i) + (full_i - own_va,i - own_vt,i).
+    ``measure`` computes the per-sample gradients and conflict scores (always, when harmonization is on).
+    The loss is VATT's, each sample weighted by the curriculum; realignment adds, per sample, the change
+    PCGrad makes to its own gradients, realign(own_va,i, own_vt,i) - own_va,i - own_vt,i, through a term of
+    value zero, so the rest of the full gradient (i as another sample's negative) passes through unchanged
+    and every strategy still runs one backward pass on one scalar.
     """
     l_va = symmetric_nce(emb.video_va.unsqueeze(1), emb.audio_va.unsqueeze(1), temperature)  # (B,)
     l_vt = symmetric_nce(emb.video_vat.unsqueeze(1), emb.text_vat.unsqueeze(1), temperature)
     stats = StepStats(float(l_va.mean().detach()), float(l_vt.mean().detach()))
-    if emb.shared_BD is emb.video_BD:  # not split: no per-sample gradients asked for
+    if not (measure or cfg.enabled):
         return (l_va.mean() + l_vt.mean()) / 2, stats
 
     own_va, own_vt = per_sample_gradients(emb, temperature)
-    full, = torch.autograd.grad(l_va.mean() + l_vt.mean(), emb.shared_BD, retain_graph=True)
     cos = cosine_rows(own_va, own_vt).detach()
     stats.cos = cos
-    weights, g = torch.ones_like(cos), full
-    if cfg.enabled:
-        weights = sample_weights(cfg, cos, step, total_steps)
-        if cfg.realign:
-            g = realign(own_va, own_vt, cos) + (full - own_va - own_vt)
+    if not cfg.enabled:  # measured only: the plain objective
+        return (l_va.mean() + l_vt.mean()) / 2, stats
+    weights = sample_weights(cfg, cos, step, total_steps)
     stats.kept = float(weights.mean())
     scale = weights / weights.mean().clamp_min(1e-6)  # renormalize by the kept weight
-    head_loss = (scale * (l_va + l_vt)).mean() / 2
-    grad_Z = (scale.unsqueeze(1) * g / 2).detach()
-    push = (emb.video_BD * grad_Z).sum()
-    return head_loss + push - push.detach(), stats
+    loss = (scale * (l_va + l_vt)).mean() / 2
+    if cfg.realign:
+        change = (realign(own_va, own_vt, cos) - own_va - own_vt) * scale.unsqueeze(1) / 2
+        push = (emb.video_BD * change.detach()).sum()
+        loss = loss + push - push.detach()
+    return loss, stats

@@ -126,8 +126,7 @@ class CommonSpace(nn.Module):
 
 @dataclass
 class Embeddings:
-    video_BD: torch.Tensor  # the pooled video feature, in the graph of the backbone
-    shared_BD: torch.Tensor  # what the heads saw for video: video_BD itself, or a detached leaf copy of it
+    video_BD: torch.Tensor  # the pooled video feature: the representation both losses share
     video_va: torch.Tensor
     audio_va: torch.Tensor
     video_vat: torch.Tensor
@@ -135,20 +134,13 @@ class Embeddings:
 
 
 class VattModel(nn.Module):
-    """Backbone plus heads in one module, so DDP/DeepSpeed/Accelerate wrap (and sync) all of it.
-
-    With ``split_video=True`` the heads see a detached leaf copy of the pooled video feature: the
-    per-sample gradients of each loss w.r.t. that shared representation are then cheap to take, and the
-    harmonized gradient is sent into the backbone separately (see losses.harmonized_objective).
-    """
+    """Backbone plus heads in one module, so DDP/DeepSpeed/Accelerate wrap (and sync) all of it."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.backbone = VATT(cfg)
         self.heads = CommonSpace(cfg)
 
-    def forward(self, video: torch.Tensor, audio: torch.Tensor, text: torch.Tensor, split_video: bool = False) -> Embeddings:
+    def forward(self, video: torch.Tensor, audio: torch.Tensor, text: torch.Tensor) -> Embeddings:
         out = self.backbone(video, audio, text)
-        shared = out.video_BD.detach().requires_grad_(True) if split_video else out.video_BD
-        video_va, audio_va, video_vat, text_vat = self.heads(shared, out.audio_BD, out.text_BD)
-        return Embeddings(out.video_BD, shared, video_va, audio_va, video_vat, text_vat)
+        return Embeddings(out.video_BD, *self.heads(out.video_BD, out.audio_BD, out.text_BD))

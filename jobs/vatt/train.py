@@ -49,8 +49,8 @@ def train(session: Session, cfg: VattConfig) -> None:
     while data.epoch < cfg.epochs:
         for batch in session.batches(data):
             measure = cfg.harmonize.enabled or step % cfg.log_every == 0  # per-sample gradients cost two small backward passes
-            emb = model(batch["video"].to(session.device), batch["audio"].to(session.device), batch["text"].to(session.device), split_video=measure)
-            loss, stats = objective(emb, cfg.harmonize, cfg.model.temperature, step=step, total_steps=total_steps)
+            emb = model(batch["video"].to(session.device), batch["audio"].to(session.device), batch["text"].to(session.device))
+            loss, stats = objective(emb, cfg.harmonize, cfg.model.temperature, step=step, total_steps=total_steps, measure=measure)
             value = session.step(loss, num_samples=len(batch["label"]))
             step += 1
             if stats.cos is not None:

@@ -76,13 +76,13 @@ def test_per_sample_gradients_equal_one_backward_pass_per_sample(tiny_model):
     batch norm does not couple the samples)."""
     model, batch = tiny_model
     model.heads.eval()
-    emb = model(*batch, split_video=True)
+    emb = model(*batch)
     own_va, own_vt = per_sample_gradients(emb, 0.07)
     B = len(own_va)
     for i in range(B):
         for name, got, (x, y) in (("va", own_va, (emb.video_va, emb.audio_va)), ("vt", own_vt, (emb.video_vat, emb.text_vat))):
             loss_i = symmetric_nce(x.unsqueeze(1), y.unsqueeze(1), 0.07, own_only=True)[i] / B
-            expected, = torch.autograd.grad(loss_i, emb.shared_BD, retain_graph=True)
+            expected, = torch.autograd.grad(loss_i, emb.video_BD, retain_graph=True)
             torch.testing.assert_close(got[i], expected[i], msg=f"{name} row {i}")
             assert expected[[j for j in range(B) if j != i]].abs().max() == 0  # sample i's own loss touches only row i
 
@@ -108,25 +108,31 @@ def test_curriculum_threshold_anneals_to_keep_everything():
 
 
 def test_harmonized_objective_sends_its_gradient_into_the_backbone(tiny_model):
-    """Off, the split objective gives exactly the plain gradients; on, the curriculum drops samples."""
+    """Measuring alone changes nothing; realignment changes only the backbone's gradient; the curriculum
+    keeps the samples at or above its threshold."""
     model, batch = tiny_model
-    plain_cfg = HarmonizeConfig(realign=False, curriculum="none")
 
-    def grads(split: bool, cfg: HarmonizeConfig, step: int = 0):
+    def grads(cfg: HarmonizeConfig, measure: bool):
         torch.manual_seed(1)  # same DropToken choice
         model.zero_grad()
-        emb = model(*batch, split_video=split)
-        loss, stats = objective(emb, cfg, 0.07, step=step, total_steps=100)
+        loss, stats = objective(model(*batch), cfg, 0.07, step=0, total_steps=100, measure=measure)
         loss.backward()
-        return loss.detach(), stats, [p.grad.clone() for p in model.backbone.video.parameters()]
+        return loss.detach(), stats, [p.grad.clone() for p in model.backbone.video.parameters()], [p.grad.clone() for p in model.heads.parameters()]
 
-    loss_a, _, plain = grads(False, plain_cfg)
-    loss_b, stats, split = grads(True, plain_cfg)
+    plain_cfg = HarmonizeConfig(realign=False, curriculum="none")
+    loss_a, _, backbone_a, heads_a = grads(plain_cfg, False)
+    loss_b, stats, backbone_b, heads_b = grads(plain_cfg, True)
     torch.testing.assert_close(loss_a, loss_b)
-    for x, y in zip(plain, split):
-        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+    for x, y in zip(backbone_a + heads_a, backbone_b + heads_b):
+        torch.testing.assert_close(x, y)
     assert stats.cos is not None and stats.kept == 1.0
-    _, hard, harmonized = grads(True, HarmonizeConfig(realign=True, curriculum="hard", gamma_start=0.0))
+
+    loss_c, realigned, backbone_c, heads_c = grads(HarmonizeConfig(realign=True, curriculum="none"), True)
+    torch.testing.assert_close(loss_c, loss_a)  # the realignment term has value zero
+    for x, y in zip(heads_a, heads_c):
+        torch.testing.assert_close(x, y)  # heads keep their ordinary gradients
+    if (realigned.cos < 0).any():
+        assert any(not torch.allclose(x, y) for x, y in zip(backbone_a, backbone_c))
+
+    _, hard, _, _ = grads(HarmonizeConfig(realign=False, curriculum="hard", gamma_start=0.0), True)
     assert hard.kept == pytest.approx(float((hard.cos >= 0).float().mean()))
-    if 0 < hard.kept < 1:
-        assert any(not torch.allclose(x, y) for x, y in zip(plain, harmonized))
