@@ -45,8 +45,8 @@ def test_bad_value_names_field_value_and_what_is_allowed(tmp_path):
 
 
 def test_out_of_range_value(tmp_path):
-    with pytest.raises(ConfigError, match=r"run.num_workers: value 0 is not allowed: .*greater than or equal to 1"):
-        load_config(ShapesConfig, write(tmp_path, "data: {urls: x.tar}\n"), ["run.num_workers=0"])
+    with pytest.raises(ConfigError, match=r"run.num_workers: value -2 is not allowed: .*greater than or equal to 0"):
+        load_config(ShapesConfig, write(tmp_path, "data: {urls: x.tar}\n"), ["run.num_workers=-2"])
 
 
 def test_missing_required_field(tmp_path):
