@@ -9,14 +9,29 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 
 pytestmark = pytest.mark.slow
 
 
-def test_ray_job_submit_runs_the_shapes_job_to_the_end(ray_cluster):
+@pytest.fixture(scope="module")
+def submit_cluster(tmp_path_factory, ray_cluster):
+    """A local cluster of its own: after a submitted Ray job ends, a later Ray Train run from the test
+    process on the same cluster was seen to never start its workers (Ray Train V2), so the submitted job
+    does not share the session's cluster."""
+    from labtrain import cluster
+
+    del ray_cluster  # started first: it sets LABTRAIN_STORAGE_ROOT, which this cluster's nodes inherit
+    root = tmp_path_factory.mktemp("submit")
+    spec = cluster.ClusterSpec(state_dir=str(root / "cluster"), gcs_port=free_port(), dashboard_port=free_port(), metrics_base_port=free_port())
+    state = cluster.up(spec)
+    yield state
+    cluster.down(spec.state_dir)
+
+
+def test_ray_job_submit_runs_the_shapes_job_to_the_end(submit_cluster):
     ray = Path(sys.executable).with_name("ray")
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster.dashboard_url}
+    env = {**os.environ, "RAY_ADDRESS": submit_cluster.dashboard_url}
     proc = subprocess.run(
         [str(ray), "job", "submit", "--working-dir", ".", "--", "python", "-m", "jobs.shapes", "--config", "jobs/shapes/configs/demo.yaml",
          "run.name=submitted", "epochs=1", "synthetic.num_samples=1024", "data.urls=submit/data/shard-{000000..000001}.tar"],
