@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,11 +23,13 @@ pytestmark = pytest.mark.slow
 def test_ray_job_submit_runs_the_shapes_job_to_the_end(ray_cluster):
     ray = Path(sys.executable).with_name("ray")
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.dashboard_url}
-    proc = subprocess.run(
-        [str(ray), "job", "submit", "--working-dir", ".", "--", "python", "-m", "jobs.shapes", "--config", "jobs/shapes/configs/demo.yaml",
-         "run.name=submitted", "epochs=1", "synthetic.num_samples=1024", "data.urls=submit/data/shard-{000000..000001}.tar"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )
+    command = [str(ray), "job", "submit", "--working-dir", ".", "--", "python", "-m", "jobs.shapes", "--config", "jobs/shapes/configs/demo.yaml",
+               "run.name=submitted", "epochs=1", "synthetic.num_samples=1024", "data.urls=submit/data/shard-{000000..000001}.tar"]
+    for _ in range(40):  # a fresh head's job agent can take a while to register
+        proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        if "No available agent to submit job" not in proc.stderr + proc.stdout:
+            break
+        time.sleep(3)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
     assert "succeeded" in out
