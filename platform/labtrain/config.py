@@ -73,6 +73,11 @@ class RunConfig(Config):
     storage_path: str = Field("checkpoints", description="Checkpoint root: s3://bucket/prefix, an absolute path, or a path under the storage root (LABTRAIN_STORAGE_ROOT, default ./runs).")
     max_failures: int = Field(0, ge=-1, description="Restarts from the latest checkpoint after a worker failure (-1 = unlimited).")
     num_to_keep: int | None = Field(2, ge=1, description="Checkpoints kept; None keeps all.")
+    start_timeout_s: float | None = Field(
+        300, gt=0,
+        description="Seconds for the workers to start while no placement group waits for resources; past that the Ray Train "
+        "controller is taken as stuck: its stack is logged, it is restarted once, then the run fails. None waits forever.",
+    )
     s3: S3Config = Field(default_factory=S3Config, description="S3 settings when storage_path is s3://.")
 
 

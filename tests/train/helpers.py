@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import ray
 import torch
 import torch.nn.functional as F
 from pydantic import Field
+from ray.train.v2._internal.execution.callback import ControllerCallback
 
 from labtrain import dist
 from labtrain.config import Config, DataConfig, RunConfig
@@ -83,3 +85,16 @@ def probe_train(session: Session, cfg: ProbeConfig) -> None:
             if cfg.max_steps is not None and step >= cfg.max_steps:
                 break
     session.checkpoint(step, data, extra=extra())
+
+
+class StallFirstController(ControllerCallback):
+    """A Ray Train controller callback that blocks the first controller right after it starts, the way the
+    stuck controllers seen in CI did (a marker file makes the next controller run normally)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def after_controller_start(self, train_run_context) -> None:
+        if not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            time.sleep(3600)

@@ -13,7 +13,7 @@ from labtrain.config import DataConfig, RunConfig
 from labtrain.data import write_shards
 from labtrain.train import run
 from tests.data.conftest import make_samples
-from tests.train.helpers import ProbeConfig, probe_train
+from tests.train.helpers import ProbeConfig, StallFirstController, probe_train
 
 pytestmark = pytest.mark.slow
 
@@ -109,3 +109,16 @@ def test_checkpoints_on_s3_resume(ray_cluster, shards, tmp_path, s3_bucket):
     result = run(probe_train, second, second.run, kind="probe")
     assert result.error is None
     assert all(s["extra"]["restored_from"] == [3] for s in rank_states(result))
+
+
+def test_a_controller_that_never_starts_its_workers_is_restarted(ray_cluster, shards, tmp_path, caplog):
+    cfg = probe(shards, tmp_path, start_timeout_s=15)
+    cfg = cfg.model_copy(update={"max_steps": 2})
+    marker = tmp_path / "stalled"
+    with caplog.at_level("WARNING", logger="labtrain.train"):
+        result = run(probe_train, cfg, cfg.run, kind="probe", callbacks=[StallFirstController(str(marker))])
+    assert marker.exists() and result.error is None
+    assert result.metrics["step"] == 2
+    text = caplog.text
+    assert "has not started workers in 15 s; its stack" in text and "after_controller_start" in text  # py-spy's dump
+    assert "attempt 1 of 2" in text
