@@ -42,6 +42,13 @@ def _multiprocess_values() -> bool:
     return True
 
 
+def job_registry() -> CollectorRegistry:
+    """A registry for a job's own metrics (a NAS driver's trial counters, say) that the node exporter
+    serves: metrics created after this call write to ``LABTRAIN_METRICS_DIR`` when it is set."""
+    _multiprocess_values()
+    return CollectorRegistry(auto_describe=True)
+
+
 class TrainMetrics:
     """One training worker's metrics. Jobs add their own signals with :meth:`gauge`."""
 
