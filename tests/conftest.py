@@ -82,3 +82,16 @@ def ray_cluster(tmp_path_factory, s3_server):
     stopped = cluster.down(spec.state_dir)
     assert len(stopped) == len(state.pids)
     assert not any(cluster._group_alive(pid) for pid in state.pids), "cluster down left processes running"
+
+
+def ray_job_submit(cluster_state, args: list[str], *, timeout_s: float = 600) -> subprocess.CompletedProcess:
+    """``ray job submit --working-dir . -- <args>`` against the test cluster, as a lab member would type it.
+    A job agent that answers slowly on a busy machine is refused as "No available agent": tried again a few times."""
+    ray = Path(sys.executable).with_name("ray")
+    env = {**os.environ, "RAY_ADDRESS": cluster_state.dashboard_url}
+    for _ in range(5):
+        proc = subprocess.run([str(ray), "job", "submit", "--working-dir", ".", "--", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
+        if "No available agent to submit job" not in proc.stdout + proc.stderr:
+            break
+        time.sleep(5)
+    return proc

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -79,10 +80,19 @@ def node_env(spec: ClusterSpec, node: int) -> dict[str, str]:
 def _ray_cmd(spec: ClusterSpec, node: int) -> list[str]:
     ray = str(Path(sys.executable).with_name("ray"))
     resources = json.dumps({"labtrain_node": 1, f"node{node}": 1})
-    common = ["--block", f"--num-cpus={spec.cpus_per_node}", "--num-gpus=0", f"--resources={resources}", f"--object-store-memory={spec.object_store_bytes}", "--disable-usage-stats"]
+    # Every node's agents get their own free ports: with Ray's fixed defaults the second node on this
+    # machine (or a node of another local cluster) fails to bind 52365 and its agent runs without HTTP.
+    agent_ports = [f"--{name}={_free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port")]
+    common = ["--block", *agent_ports, f"--num-cpus={spec.cpus_per_node}", "--num-gpus=0", f"--resources={resources}", f"--object-store-memory={spec.object_store_bytes}", "--disable-usage-stats"]
     if node == 0:
         return [ray, "start", "--head", f"--port={spec.gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={spec.dashboard_port}", "--node-ip-address=127.0.0.1", *common]
     return [ray, "start", f"--address=127.0.0.1:{spec.gcs_port}", "--node-ip-address=127.0.0.1", *common]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _wait_for_nodes(spec: ClusterSpec, count: int, timeout_s: float) -> None:
@@ -99,6 +109,25 @@ def _wait_for_nodes(spec: ClusterSpec, count: int, timeout_s: float) -> None:
             pass
         time.sleep(1)
     raise TimeoutError(f"{count} Ray nodes did not come up within {timeout_s:.0f}s; see the logs in {spec.state_dir}")
+
+
+def _wait_for_job_agents(spec: ClusterSpec, count: int, timeout_s: float) -> None:
+    """Wait until ``count`` nodes' dashboard agents have registered: ``ray job submit`` is refused with "No
+    available agent to submit job" until the head's has, which on a busy machine can take a minute."""
+    from ray._private.ray_constants import KV_NAMESPACE_DASHBOARD
+    from ray._raylet import GcsClient
+    from ray.dashboard.consts import DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX
+
+    client = GcsClient(address=f"127.0.0.1:{spec.gcs_port}")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if len(client.internal_kv_keys(DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX.encode(), namespace=KV_NAMESPACE_DASHBOARD, timeout=5)) >= count:
+                return
+        except Exception:  # noqa: BLE001 - the GCS may still be starting
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"the Ray dashboard agents of {count} nodes did not register within {timeout_s:.0f}s; see the logs in {spec.state_dir}")
 
 
 def up(spec: ClusterSpec | None = None, *, timeout_s: float = 120) -> ClusterState:
@@ -119,6 +148,7 @@ def up(spec: ClusterSpec | None = None, *, timeout_s: float = 120) -> ClusterSta
             state.pids.append(ray.pid)
             _save_state(state)
             _wait_for_nodes(spec, node + 1, timeout_s)
+            _wait_for_job_agents(spec, node + 1, timeout_s)
             port = spec.metrics_base_port + node
             exporter = subprocess.Popen(
                 [sys.executable, "-m", "labtrain.cli", "metrics", "serve", "--port", str(port), "--dir", env[METRICS_DIR_ENV]],

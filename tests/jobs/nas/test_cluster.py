@@ -7,8 +7,6 @@ import collections
 import json
 import os
 import re
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,7 +18,7 @@ from jobs.nas.config import NasConfig
 from jobs.nas.metrics import NasMetrics
 from jobs.nas.run import prepare, run_search
 from labtrain.config import build_config
-from tests.conftest import REPO
+from tests.conftest import ray_job_submit
 from tests.jobs.nas.conftest import live_config, write_subset
 from tests.jobs.nas.helpers import RecordingEvaluator, read_log
 from tests.test_metrics import promtool_check, scrape
@@ -132,8 +130,6 @@ def test_three_methods_search_a_table_through_ray_tasks(ray_cluster, tmp_path, n
 
 
 def test_ray_job_submit_runs_a_video_search_and_the_node_exporter_serves_its_metrics(ray_cluster):
-    ray = Path(sys.executable).with_name("ray")
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster.dashboard_url}
     overrides = [
         "name=x3d-submit", "search.budget=4", "space.num_stages=2", "space.widths=[4, 8]", "space.expansions=[1, 2]",
         "evaluator.input.image_size=8", "evaluator.input.num_frames=3", "evaluator.input.num_train_samples=64",
@@ -141,10 +137,7 @@ def test_ray_job_submit_runs_a_video_search_and_the_node_exporter_serves_its_met
         "evaluator.train.urls=nas-submit/train/shard-{000000..000001}.tar", "evaluator.train.batch_size=16",
         "evaluator.val.urls=nas-submit/val/shard-{000000..000000}.tar", "evaluator.val.batch_size=16", "trials.max_concurrent=2",
     ]
-    proc = subprocess.run(
-        [str(ray), "job", "submit", "--working-dir", ".", "--", "python", "-m", "jobs.nas", "--config", "jobs/nas/configs/x3d_live.yaml", *overrides],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )
+    proc = ray_job_submit(ray_cluster, ["python", "-m", "jobs.nas", "--config", "jobs/nas/configs/x3d_live.yaml", *overrides])
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
     assert "weaknas: 4 done, 0 failed" in out
