@@ -31,7 +31,7 @@ from jobs.nas.space import Nb201Space  # noqa: E402
 from jobs.nas.table import Table, read_table  # noqa: E402
 from labtrain.config import ConfigError, build_config, parse_overrides  # noqa: E402
 
-DEFAULT_TABLE = REPO.parent / "shared" / "data" / "nas-bench-201" / "cifar10.csv"
+DEFAULT_TABLE = Path(os.environ.get("LABTRAIN_SHARED_DIR") or REPO.parent / "shared") / "data" / "nas-bench-201" / "cifar10.csv"
 METHODS = ("weaknas", "random", "evolution")
 
 _table: Table | None = None
