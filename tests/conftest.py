@@ -67,14 +67,14 @@ def s3_bucket(s3_server):
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory, s3_server):
-    """The embedded local cluster (2 Ray nodes + exporters) on free ports; this process connects to it."""
+    """The embedded local cluster (2 Ray nodes, exporters, the queue service) on free ports; this process connects to it."""
     import ray
 
     from labtrain import cluster
 
     root = tmp_path_factory.mktemp("ray")
     os.environ["LABTRAIN_STORAGE_ROOT"] = str(root / "storage")
-    spec = cluster.ClusterSpec(state_dir=str(root / "cluster"), gcs_port=free_port(), dashboard_port=free_port(), metrics_base_port=free_port())
+    spec = cluster.ClusterSpec(state_dir=str(root / "cluster"), gcs_port=free_port(), dashboard_port=free_port(), metrics_base_port=free_port(), queue_port=free_port())
     state = cluster.up(spec)
     ray.init(address=state.address, log_to_driver=True)
     yield state

@@ -1,4 +1,4 @@
-"""``labtrain``: the command line of the platform (cluster, shards, metrics)."""
+"""``labtrain``: the command line of the platform (cluster, shards, metrics, and the lab queue)."""
 
 from __future__ import annotations
 
@@ -61,13 +61,17 @@ def cmd_metrics_serve(args) -> int:
 def cmd_cluster_up(args) -> int:
     from labtrain import cluster
 
-    spec = cluster.ClusterSpec(state_dir=args.state_dir, num_nodes=args.nodes, cpus_per_node=args.cpus_per_node, dashboard_port=args.dashboard_port, gcs_port=args.port)
-    with console.status(f"starting {spec.num_nodes} Ray nodes ..."):
+    spec = cluster.ClusterSpec(state_dir=args.state_dir, num_nodes=args.nodes, cpus_per_node=args.cpus_per_node, dashboard_port=args.dashboard_port,
+                               gcs_port=args.port, queue_port=None if args.no_queue else args.queue_port)
+    with console.status(f"starting {spec.num_nodes} Ray nodes{'' if args.no_queue else ' and the queue'} ..."):
         state = cluster.up(spec)
     console.print(f"local cluster up: {spec.num_nodes} Ray nodes at {state.address}, job API and dashboard at {state.dashboard_url}")
     for node, port in enumerate(state.metrics_ports):
         console.print(f"  node{node} metrics: http://127.0.0.1:{port}/metrics")
-    console.print(f"submit with: RAY_ADDRESS={state.dashboard_url} ray job submit --working-dir . -- python -m jobs.shapes --config jobs/shapes/configs/demo.yaml")
+    if state.queue_url:
+        console.print(f"  lab queue: {state.queue_url} (page and /docs; your token is in {Path(spec.state_dir) / cluster.QUEUE_CLIENT_FILE})")
+        console.print("submit with: labtrain submit jobs/shapes/configs/demo.yaml --job jobs.shapes --workers 2 --follow")
+    console.print(f"or directly: RAY_ADDRESS={state.dashboard_url} ray job submit --working-dir . -- python -m jobs.shapes --config jobs/shapes/configs/demo.yaml")
     return 0
 
 
@@ -87,8 +91,228 @@ def cmd_cluster_status(args) -> int:
         print("no local cluster")
         return 1
     alive = [pid for pid in state.pids if cluster._alive(pid)]
-    print(f"{state.address}: {len(alive)}/{len(state.pids)} processes alive; dashboard {state.dashboard_url}; metrics ports {state.metrics_ports}")
+    queue = f"; queue {state.queue_url}" if state.queue_url else ""
+    print(f"{state.address}: {len(alive)}/{len(state.pids)} processes alive; dashboard {state.dashboard_url}; metrics ports {state.metrics_ports}{queue}")
     return 0 if len(alive) == len(state.pids) else 1
+
+
+# -- the lab queue (labtrain.queue) ----------------------------------------------------------------------
+TERMINAL_STATES = ("SUCCEEDED", "FAILED", "CANCELLED", "TIMEOUT")
+
+
+def _queue_client(args):
+    from labtrain.queue.client import QueueClient, resolve
+
+    url, token = resolve(args.url, args.token)
+    return QueueClient(url, token)
+
+
+def _queue_cmd(fn):
+    """Run a queue command; a refused request prints its reason and exits with status 2."""
+
+    def run(args) -> int:
+        from labtrain.queue.client import QueueError
+
+        try:
+            return fn(args)
+        except QueueError as error:
+            console.print(f"[red]error:[/red] {error}", highlight=False)
+            return error.exit_code
+
+    return run
+
+
+def cmd_submit(args) -> int:
+    spec = {
+        "job": args.job, "config": args.config, "overrides": args.overrides, "priority": args.priority,
+        "resources": {"workers": args.workers, "cpus_per_worker": args.cpus_per_worker, "gpus_per_worker": args.gpus_per_worker},
+    }
+    if args.memory_gb_per_worker is not None:
+        spec["resources"]["memory_gb_per_worker"] = args.memory_gb_per_worker
+    if args.time_limit is not None:
+        spec["time_limit_s"] = _seconds(args.time_limit)
+    client = _queue_client(args)
+    job = client.submit(spec)
+    print(job["id"], flush=True)
+    console.print(f"queued {job['id']}: {job['job']} on {job['workers']} workers ({job['cpus']:g} CPUs, {job['gpus']:g} GPUs), priority {job['priority']}")
+    return _follow(client, job["id"]) if args.follow else 0
+
+
+def _follow(client, job_id: str, *, poll_s: float = 1.0) -> int:
+    """Print the job's state changes (stderr) and its log (stdout) until it ends; 0 only if it succeeded.
+    A preempted job's next attempt has a new Ray submission and its log starts again."""
+    from labtrain.queue.client import QueueError
+
+    printed, submission, state, failures = 0, None, None, 0
+    while True:
+        try:
+            answer = client.logs(job_id)
+            failures = 0
+        except QueueError as error:  # 502: e.g. Ray does not know yet a submission the dispatcher has just made
+            failures += 1
+            if error.status != 502 or failures > 30:
+                raise
+            time.sleep(poll_s)
+            continue
+        if answer["state"] != state:
+            state = answer["state"]
+            console.print(f"{job_id}: {state}", highlight=False)
+        if answer["submission_id"] != submission:
+            submission, printed = answer["submission_id"], 0
+        text = answer["logs"]
+        sys.stdout.write(text[printed:])
+        sys.stdout.flush()
+        printed = len(text)
+        if state in TERMINAL_STATES:
+            return 0 if state == "SUCCEEDED" else 1
+        time.sleep(poll_s)
+
+
+def _seconds(text: str) -> float:
+    """``90``, ``90s``, ``30m``, ``2h``, ``1d`` or ``HH:MM:SS`` -> seconds."""
+    from labtrain.queue.client import QueueError
+
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if ":" in text:
+            total = 0.0
+            for part in text.split(":"):
+                total = total * 60 + float(part)
+            return total
+        if text[-1:] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise QueueError(f"--time-limit {text!r}: use seconds, 30m, 2h, 1d or HH:MM:SS") from None
+
+
+def _age(seconds: float) -> str:
+    seconds = max(seconds, 0)
+    return f"{seconds:.0f}s" if seconds < 90 else f"{seconds / 60:.0f}m" if seconds < 5400 else f"{seconds / 3600:.1f}h"
+
+
+def _table_console() -> Console:
+    """A terminal's width, or wide enough never to cut a job id when piped."""
+    return Console() if sys.stdout.isatty() else Console(width=240)
+
+
+def cmd_queue(args) -> int:
+    from rich.table import Table
+
+    jobs = _queue_client(args).jobs(all=args.all, state=None if args.all_states else "WAITING,DISPATCHING,RUNNING,PREEMPTING,CANCELLING")
+    now = time.time()
+    table = Table(box=None, header_style="bold")
+    for col in ("JOBID", "USER", "JOB", "PRI", "STATE", "WORKERS", "CPUS", "GPUS", "TIME", "LIMIT", "REASON"):
+        table.add_column(col)
+    for j in sorted(jobs, key=lambda j: (j["state"] == "WAITING", j["submitted_at"])):
+        since = j["started_at"] if j["started_at"] else j["queued_at"]
+        table.add_row(j["id"], j["user"], j["job"], j["priority"], j["state"], str(j["workers"]), f"{j['cpus']:g}", f"{j['gpus']:g}",
+                      _age((j["ended_at"] or now) - since), _age(j["time_limit_s"]), j["message"][:40])
+    _table_console().print(table)
+    return 0
+
+
+def cmd_show(args) -> int:
+    import json
+
+    print(json.dumps(_queue_client(args).job(args.id), indent=1))
+    return 0
+
+
+def cmd_logs(args) -> int:
+    client = _queue_client(args)
+    if args.follow:
+        return _follow(client, args.id)
+    sys.stdout.write(client.logs(args.id)["logs"])
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    job = _queue_client(args).cancel(args.id)
+    console.print(f"{job['id']}: {job['state']}")
+    return 0
+
+
+def cmd_users_list(args) -> int:
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    for col in ("USER", "GROUP", "SHARE", "ADMIN", "USAGE", "CPUS", "GPUS", "JOBS"):
+        table.add_column(col)
+    for u in _queue_client(args).request("GET", "/api/v1/users"):
+        q = u["quotas"]
+        table.add_row(u["name"], u["group"], f"{u['share']:g}", "yes" if u["admin"] else "", f"{u['usage']:.0f}", *("-" if q[k] is None else f"{q[k]:g}" for k in ("cpus", "gpus", "jobs")))
+    _table_console().print(table)
+    return 0
+
+
+def _quota(args) -> dict:
+    return {"cpus": args.cpus, "gpus": args.gpus, "jobs": args.jobs}
+
+
+def cmd_users_add(args) -> int:
+    entry = {"name": args.name, "group": args.group, "share": args.share, "admin": args.admin, "quotas": _quota(args)}
+    answer = _queue_client(args).request("POST", "/api/v1/users", json=entry)
+    console.print(f"user {answer['name']} added; their token (shown once):")
+    print(answer["token"])
+    return 0
+
+
+def cmd_users_set_quota(args) -> int:
+    body = {"quotas": _quota(args), "share": args.share}
+    path = f"/api/v1/groups/{args.name}/quota" if args.group_quota else f"/api/v1/users/{args.name}/quota"
+    _queue_client(args).request("PUT", path, json=body)
+    console.print(f"{'group' if args.group_quota else 'user'} {args.name}: quota {_quota(args)}")
+    return 0
+
+
+def add_queue_parsers(sub) -> None:
+    """``labtrain submit | queue | show | logs | cancel | users``: the lab queue's commands."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=None, help="queue service, e.g. http://queue:8000 (else LABTRAIN_QUEUE_URL, ~/.config/labtrain/queue.yaml)")
+    common.add_argument("--token", default=None, help="your token (else LABTRAIN_TOKEN, ~/.config/labtrain/queue.yaml)")
+
+    s = sub.add_parser("submit", parents=[common], help="queue a job")
+    s.add_argument("config", help="the job's config file, as a path relative to the checkout the job runs in")
+    s.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    s.add_argument("--job", default="jobs.shapes", help="job module (default jobs.shapes)")
+    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--cpus-per-worker", type=float, default=1.0)
+    s.add_argument("--gpus-per-worker", type=float, default=0.0)
+    s.add_argument("--memory-gb-per-worker", type=float, default=None)
+    s.add_argument("--priority", default="normal", help="low, normal or high")
+    s.add_argument("--time-limit", default=None, help="e.g. 3600, 90m, 12h, 1d, 01:30:00")
+    s.add_argument("-f", "--follow", action="store_true", help="then print its log until it ends; exit 0 only if it succeeded")
+    s.set_defaults(fn=_queue_cmd(cmd_submit))
+
+    q = sub.add_parser("queue", parents=[common], help="the queue, like squeue")
+    q.add_argument("--all", action="store_true", help="every user's jobs (admins)")
+    q.add_argument("--all-states", action="store_true", help="finished jobs too")
+    q.set_defaults(fn=_queue_cmd(cmd_queue))
+    for name, fn, help_text in (("show", cmd_show, "one job as JSON"), ("cancel", cmd_cancel, "cancel a job (stops it on Ray)"), ("logs", cmd_logs, "a job's Ray logs")):
+        c = sub.add_parser(name, parents=[common], help=help_text)
+        c.add_argument("id")
+        if name == "logs":
+            c.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends; exit 0 only if it succeeded")
+        c.set_defaults(fn=_queue_cmd(fn))
+
+    users = sub.add_parser("users", help="users and quotas (admins)").add_subparsers(dest="action", required=True)
+    ul = users.add_parser("list", parents=[common])
+    ul.set_defaults(fn=_queue_cmd(cmd_users_list))
+    for name, fn in (("add", cmd_users_add), ("set-quota", cmd_users_set_quota)):
+        u = users.add_parser(name, parents=[common])
+        u.add_argument("name")
+        u.add_argument("--cpus", type=float, default=None, help="CPU quota (default: none)")
+        u.add_argument("--gpus", type=float, default=None, help="GPU quota")
+        u.add_argument("--jobs", type=int, default=None, help="concurrent jobs quota")
+        if name == "add":
+            u.add_argument("--group", default="default")
+            u.add_argument("--share", type=float, default=1.0)
+            u.add_argument("--admin", action="store_true")
+        else:
+            u.add_argument("--share", type=float, default=None)
+            u.add_argument("--group-quota", action="store_true", help="NAME is a group: set the group's quota")
+        u.set_defaults(fn=_queue_cmd(fn))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,12 +348,21 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--cpus-per-node", type=int, default=2)
             c.add_argument("--port", type=int, default=6379)
             c.add_argument("--dashboard-port", type=int, default=8265)
+            c.add_argument("--queue-port", type=int, default=8000, help="the lab queue's port (default 8000)")
+            c.add_argument("--no-queue", action="store_true", help="start Ray only, no queue service")
         c.set_defaults(fn=fn)
+    add_queue_parsers(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `labtrain submit CONFIG --workers 2 a.b=1`: overrides may come after options (argparse leaves those over).
+    if extra and getattr(args, "command", None) == "submit" and all("=" in item and not item.startswith("-") for item in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args.fn(args)
 
 

@@ -1,5 +1,10 @@
-"""The embedded local cluster: a Ray head and a second Ray node on this machine, plus one metrics exporter
-per node. ``up`` records what it started in a state file; ``down`` stops exactly those processes.
+"""The embedded local cluster: a Ray head and a second Ray node on this machine, one metrics exporter per
+node, and the lab queue's service (SQLite) in front of them. ``up`` records what it started in a state file;
+``down`` stops exactly those processes.
+
+The queue gets one user, named after the login running ``up`` and an admin, with a fresh token; its address
+and token go to ``<state dir>/queue.yaml`` (mode 600), where ``labtrain submit`` and the other queue commands
+find them when no flag, environment variable or ``~/.config/labtrain/queue.yaml`` says otherwise.
 
 Each node gets the custom resources ``labtrain_node: 1`` and ``<node name>: 1`` so tests and demos can
 force placement across nodes. Ray's token authentication is turned off for this loopback-only cluster
@@ -9,8 +14,11 @@ Helm chart and cluster/README.md).
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
+import re
+import secrets
 import shutil
 import signal
 import socket
@@ -33,6 +41,7 @@ class ClusterSpec:
     num_nodes: int = 2
     cpus_per_node: int = 2
     object_store_bytes: int = 256 * 2**20
+    queue_port: int | None = 8000  # None: no queue service
 
 
 @dataclass
@@ -40,6 +49,7 @@ class ClusterState:
     spec: ClusterSpec
     pids: list[int] = field(default_factory=list)
     metrics_ports: list[int] = field(default_factory=list)
+    queue_url: str | None = None
 
     @property
     def address(self) -> str:
@@ -59,7 +69,7 @@ def load_state(state_dir: str) -> ClusterState | None:
     if not path.exists():
         return None
     raw = json.loads(path.read_text())
-    return ClusterState(spec=ClusterSpec(**raw["spec"]), pids=raw["pids"], metrics_ports=raw["metrics_ports"])
+    return ClusterState(spec=ClusterSpec(**raw["spec"]), pids=raw["pids"], metrics_ports=raw["metrics_ports"], queue_url=raw.get("queue_url"))
 
 
 def _save_state(state: ClusterState) -> None:
@@ -157,10 +167,59 @@ def up(spec: ClusterSpec | None = None, *, timeout_s: float = 120) -> ClusterSta
             state.pids.append(exporter.pid)
             state.metrics_ports.append(port)
             _save_state(state)
+        if spec.queue_port is not None:
+            _start_queue(spec, state, timeout_s)
     except BaseException:
         down(spec.state_dir)
         raise
     return state
+
+
+QUEUE_CLIENT_FILE = "queue.yaml"
+
+
+def _local_user() -> str:
+    """The login as a queue user name (lowercase letters, digits, ``_.-``), ``lab`` if nothing is left."""
+    try:
+        name = re.sub(r"[^a-z0-9_.-]", "_", getpass.getuser().lower())
+    except (KeyError, OSError):
+        name = ""
+    return name if re.fullmatch(r"[a-z_][a-z0-9_.-]{0,63}", name) else "lab"
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+
+
+def _start_queue(spec: ClusterSpec, state: ClusterState, timeout_s: float) -> None:
+    """The queue service beside Ray: SQLite in the state dir, jobs dispatched to this cluster's job API and
+    run from the directory ``up`` was called in (the checkout)."""
+    root = Path(spec.state_dir).resolve()
+    token = secrets.token_urlsafe(24)
+    user = _local_user()
+    _write_private(root / "queue-users.yaml", json.dumps({"users": [{"name": user, "group": "local", "admin": True, "token": token}]}))
+    url = f"http://127.0.0.1:{spec.queue_port}"
+    command = [sys.executable, "-m", "labtrain.queue", "serve", "--host", "127.0.0.1", "--port", str(spec.queue_port),
+               "--db", str(root / "queue.db"), "--ray-address", state.dashboard_url, "--users-file", str(root / "queue-users.yaml"),
+               "--job-cwd", os.getcwd(), "--log-level", "warning"]
+    log = open(root / "queue.log", "ab")
+    service = subprocess.Popen(command, env=node_env(spec, 0), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    state.pids.append(service.pid)
+    _save_state(state)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=2):
+                break
+        except OSError:
+            if service.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the queue service did not start on {url}; see {root / 'queue.log'}") from None
+            time.sleep(0.3)
+    _write_private(root / QUEUE_CLIENT_FILE, json.dumps({"url": url, "token": token, "user": user}) + "\n")
+    state.queue_url = url
+    _save_state(state)
 
 
 def _alive(pid: int) -> bool:
@@ -189,6 +248,7 @@ def down(state_dir: str = ClusterSpec.state_dir, *, timeout_s: float = 5) -> lis
                 time.sleep(0.2)
         stopped.append(pid)
     _state_file(state_dir).unlink()
+    Path(state_dir, QUEUE_CLIENT_FILE).unlink(missing_ok=True)
     _forget_current_cluster(state.spec.gcs_port)
     return stopped
 

@@ -28,3 +28,33 @@ def test_ray_job_submit_runs_the_shapes_job_to_the_end(ray_cluster):
     storage = Path(os.environ["LABTRAIN_STORAGE_ROOT"])
     assert (storage / "submit/data/index.json").exists()
     assert any((storage / "shapes/checkpoints/submitted").glob("checkpoint_*"))
+
+
+def test_labtrain_submit_goes_through_the_local_clusters_queue(ray_cluster, tmp_path):
+    """The embedded default: `labtrain cluster up` starts the queue beside Ray and writes its address and a
+    token where `labtrain submit` finds them; the job is admitted, dispatched as a Ray job whose submission
+    id is the queue's job id, and followed to the end."""
+    import subprocess
+    import sys
+
+    from ray.job_submission import JobSubmissionClient
+
+    from labtrain import cluster
+
+    client_file = Path(ray_cluster.spec.state_dir) / cluster.QUEUE_CLIENT_FILE
+    assert client_file.stat().st_mode & 0o077 == 0, "the token file is private"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LABTRAIN_QUEUE", "LABTRAIN_TOKEN"))}
+    env |= {"LABTRAIN_CLUSTER_DIR": ray_cluster.spec.state_dir, "HOME": str(tmp_path)}  # no ~/.config/labtrain/queue.yaml
+    labtrain = [sys.executable, "-m", "labtrain.cli"]
+    proc = subprocess.run([*labtrain, "submit", "jobs/shapes/configs/demo.yaml", "--job", "jobs.shapes", "--workers", "2", "--follow", "run.name=queued",
+                           "epochs=1", "synthetic.num_samples=1024", "data.urls=queued/data/shard-{000000..000001}.tar"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    job_id = proc.stdout.splitlines()[0].strip()
+    assert f"{job_id}: WAITING" in proc.stderr or f"{job_id}: DISPATCHING" in proc.stderr or f"{job_id}: RUNNING" in proc.stderr
+    assert f"{job_id}: SUCCEEDED" in proc.stderr
+    assert float(proc.stdout.split("held-out accuracy ")[1].split()[0]) > 0.4
+    assert JobSubmissionClient(ray_cluster.dashboard_url).get_job_status(job_id).value == "SUCCEEDED"
+    assert any((Path(os.environ["LABTRAIN_STORAGE_ROOT"]) / "shapes/checkpoints/queued").glob("checkpoint_*"))
+    table = subprocess.run([*labtrain, "queue", "--all-states"], env=env, capture_output=True, text=True, timeout=60)
+    assert table.returncode == 0 and job_id in table.stdout, table.stdout + table.stderr

@@ -1,0 +1,212 @@
+"""The HTTP API (FastAPI; OpenAPI at /docs and /openapi.json), /metrics, /healthz and the web page at /."""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
+
+from labtrain.queue import store as st
+from labtrain.queue.dispatcher import Dispatcher, RayJobs
+from labtrain.queue.metrics import QueueMetrics
+from labtrain.queue.scheduler import fair_share_factors
+from labtrain.queue.spec import JobSpec, Quota, Settings, UserEntry, load_users_file
+
+log = logging.getLogger("labtrain.queue")
+PAGE = (Path(__file__).with_name("page.html")).read_text()
+
+
+class Service:
+    """What the endpoints share: the store, the dispatcher (None without a Ray address) and the metrics."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.store = st.Store(settings.db)
+        self.metrics = QueueMetrics()
+        if settings.admin_token:
+            self.store.upsert_user(UserEntry(name="admin", group="admin", admin=True), token=settings.admin_token)
+        if settings.users_file:
+            users = load_users_file(settings.users_file)
+            for group in users.groups:
+                self.store.set_group_quota(group.name, group.quotas)
+            for user in users.users:
+                self.store.upsert_user(user)
+        self.dispatcher = Dispatcher(self.store, settings, self.metrics, RayJobs(settings.ray_address) if settings.ray_address else None)
+
+
+def _public(row: dict) -> dict[str, Any]:
+    out = {k: v for k, v in row.items() if k != "request_id"}
+    out["cpus"] = row["workers"] * row["cpus_per_worker"]
+    out["gpus"] = row["workers"] * row["gpus_per_worker"]
+    return out
+
+
+def _refuse(field: str, message: str, value: Any = None) -> HTTPException:
+    """A 422 shaped like FastAPI's own validation errors, naming the field."""
+    return HTTPException(422, detail=[{"loc": ["body", *field.split(".")], "msg": message, "type": "value_error", "input": value}])
+
+
+class QuotaUpdate(BaseModel):
+    quotas: Quota
+    share: float | None = None
+
+
+def create_app(settings: Settings, *, run_dispatcher: bool = True) -> FastAPI:
+    service = Service(settings)
+    stop = threading.Event()
+
+    @asynccontextmanager
+    async def lifespan(app):
+        thread = None
+        if run_dispatcher:
+            thread = threading.Thread(target=service.dispatcher.run, args=(stop,), name="labtrain-queue-dispatcher", daemon=True)
+            thread.start()
+        yield
+        stop.set()
+        if thread is not None:
+            thread.join(30)
+
+    app = FastAPI(title="labtrain queue", version="1", description="The shared lab queue in front of Ray.", lifespan=lifespan)
+    app.state.service = service
+
+    def user(request: Request) -> dict:
+        auth = request.headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise HTTPException(401, "missing bearer token: pass --token or set LABTRAIN_TOKEN", headers={"WWW-Authenticate": "Bearer"})
+        found = service.store.user_by_token(token.strip())
+        if found is None:
+            raise HTTPException(401, "unknown token", headers={"WWW-Authenticate": "Bearer"})
+        return found
+
+    def admin(me: dict = Depends(user)) -> dict:
+        if not me["admin"]:
+            raise HTTPException(403, "admins only")
+        return me
+
+    def own_job(job_id: str, me: dict) -> dict:
+        row = service.store.job(job_id)
+        if row is None or (row["user"] != me["name"] and not me["admin"]):
+            raise HTTPException(404, f"no job {job_id} of yours")
+        return row
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        service.store.job("-")  # the store answers
+        return {"ok": True}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def metrics() -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> HTMLResponse:
+        return HTMLResponse(PAGE)
+
+    @app.get("/api/v1/whoami")
+    def whoami(me: dict = Depends(user)) -> dict:
+        return {"name": me["name"], "group": me["grp"], "admin": me["admin"]}
+
+    @app.post("/api/v1/jobs", status_code=201)
+    def submit(spec: JobSpec, me: dict = Depends(user)) -> dict:
+        if not re.fullmatch(settings.job_pattern, spec.job):
+            raise _refuse("job", f"job {spec.job!r} is not a job module this queue runs (allowed: {settings.job_pattern})", spec.job)
+        res = spec.resources
+        cap = service.dispatcher.capacity(time.time())
+        if cap is not None and (res.cpus > cap[0] or res.gpus > cap[1]):
+            raise _refuse("resources", f"the gang needs {res.cpus:g} CPUs and {res.gpus:g} GPUs; the whole cluster has {cap[0]:g} CPUs and {cap[1]:g} GPUs")
+        for what, need, limit in (("cpus", res.cpus, me["quota_cpus"]), ("gpus", res.gpus, me["quota_gpus"])):
+            if limit is not None and need > limit:
+                raise _refuse("resources", f"the gang needs {need:g} {what.upper()}; your quota is {limit:g}, so it could never start")
+        limit_s = spec.time_limit_s or settings.default_time_limit_s
+        row, _created = service.store.submit(me["name"], spec, time_limit_s=limit_s)
+        return _public(row)
+
+    @app.get("/api/v1/jobs")
+    def list_jobs(all: bool = False, state: str | None = None, limit: int = 500, me: dict = Depends(user)) -> JSONResponse:
+        """Your jobs, newest first (an admin's ``all=true``: everyone's); ``state=WAITING,RUNNING`` filters."""
+        states = state.upper().split(",") if state else None
+        owner = None if (all and me["admin"]) else me["name"]
+        # A plain JSONResponse: the rows are JSON already, and response-model validation would double the time.
+        return JSONResponse([_public(r) for r in service.store.jobs(user=owner, states=states, limit=min(limit, 10_000))])
+
+    @app.get("/api/v1/jobs/{job_id}")
+    def show(job_id: str, me: dict = Depends(user)) -> dict:
+        return _public(own_job(job_id, me))
+
+    @app.post("/api/v1/jobs/{job_id}/cancel")
+    def cancel(job_id: str, me: dict = Depends(user)) -> dict:
+        own_job(job_id, me)
+        return _public(service.store.request_cancel(job_id))
+
+    @app.get("/api/v1/jobs/{job_id}/logs")
+    def logs(job_id: str, me: dict = Depends(user)) -> dict:
+        row = own_job(job_id, me)
+        text = ""
+        if row["submission_id"] and service.dispatcher.ray is not None:
+            try:
+                text = service.dispatcher.ray.logs(row["submission_id"])
+            except Exception as error:
+                raise HTTPException(502, f"Ray's job API did not give the logs of {row['submission_id']}: {error}")
+        return {"id": job_id, "state": row["state"], "submission_id": row["submission_id"], "logs": text}
+
+    @app.get("/api/v1/users")
+    def users(me: dict = Depends(admin)) -> list[dict]:
+        return [_user_view(u) for u in service.store.users()]
+
+    @app.post("/api/v1/users", status_code=201)
+    def add_user(entry: UserEntry, me: dict = Depends(admin)) -> dict:
+        token = entry.token or st.new_token()
+        service.store.upsert_user(entry, token=token)
+        return {"name": entry.name, "token": token}
+
+    @app.put("/api/v1/users/{name}/quota")
+    def set_user_quota(name: str, update: QuotaUpdate, me: dict = Depends(admin)) -> dict:
+        if not service.store.set_user_quota(name, update.quotas, update.share):
+            raise HTTPException(404, f"no user {name}")
+        return {"name": name, **update.quotas.model_dump(), "share": update.share}
+
+    @app.get("/api/v1/groups")
+    def groups(me: dict = Depends(admin)) -> list[dict]:
+        return service.store.groups()
+
+    @app.put("/api/v1/groups/{name}/quota")
+    def set_group_quota(name: str, update: QuotaUpdate, me: dict = Depends(admin)) -> dict:
+        service.store.set_group_quota(name, update.quotas)
+        return {"name": name, **update.quotas.model_dump()}
+
+    @app.get("/api/v1/summary")
+    def summary(me: dict = Depends(user)) -> dict:
+        """What the web page shows: your (an admin: every) waiting and running job, every user's share and usage."""
+        now = time.time()
+        owner = None if me["admin"] else me["name"]
+        rows = service.store.jobs(user=owner, states=[st.WAITING, *st.HOLDING], limit=2000)
+        shares, _, _, _ = service.store.snapshot(now, settings.half_life_s)
+        factors = fair_share_factors(shares)
+        return {
+            "me": me["name"], "now": now,
+            "waiting": [_public(r) for r in rows if r["state"] == st.WAITING],
+            "running": [_public(r) for r in rows if r["state"] != st.WAITING],
+            "users": [{"name": u.name, "group": u.group, "share": u.share, "usage": u.usage, "fair_share": factors[u.name]} for u in shares.values()],
+            "capacity": _capacity_view(service.dispatcher.capacity(now)),
+        }
+
+    return app
+
+
+def _user_view(u: dict) -> dict:
+    return {"name": u["name"], "group": u["grp"], "share": u["share"], "admin": u["admin"], "usage": u["usage"],
+            "quotas": {"cpus": u["quota_cpus"], "gpus": u["quota_gpus"], "jobs": u["quota_jobs"]}}
+
+
+def _capacity_view(cap: tuple[float, float, float] | None) -> dict | None:
+    return None if cap is None else {"cpus": cap[0], "gpus": cap[1]}

@@ -1,0 +1,187 @@
+"""The dispatcher: one loop that follows Ray, charges usage, runs the scheduler and submits what it admits.
+
+Every Ray call is made *after* the state that asks for it is committed, and every Ray call is safe to
+repeat: a submission is looked up by its submission id before it is made (Ray refuses a second job with
+the same id anyway), and stopping a stopped job is a no-op. So a crash anywhere is repaired by the next
+cycle of the restarted service.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import threading
+import time
+from typing import Any
+
+from labtrain.queue import store as st
+from labtrain.queue.metrics import QueueMetrics
+from labtrain.queue.scheduler import plan
+from labtrain.queue.spec import Settings
+
+log = logging.getLogger("labtrain.queue")
+TIME_LIMIT_MESSAGE = "stopped: time limit reached"
+RAY_TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+class RayJobs:
+    """The few Job Submission API calls the queue makes, on one JobSubmissionClient."""
+
+    def __init__(self, address: str):
+        self.address = address
+        self._client = None
+
+    @property
+    def client(self):
+        if self._client is None:  # connects (and checks the version) on first use: Ray may start after us
+            from ray.job_submission import JobSubmissionClient
+
+            self._client = JobSubmissionClient(self.address)
+        return self._client
+
+    def status(self, sid: str) -> tuple[str, str] | None:
+        """(status, message) of a submission, or None when Ray has no job with that id."""
+        try:
+            info = self.client.get_job_info(sid)
+        except RuntimeError as error:
+            if "404" in str(error) or "does not exist" in str(error).lower() or "not found" in str(error).lower():
+                return None
+            raise
+        return str(info.status.value if hasattr(info.status, "value") else info.status), info.message or ""
+
+    def submit(self, sid: str, entrypoint: str, metadata: dict[str, str]) -> None:
+        try:
+            self.client.submit_job(entrypoint=entrypoint, submission_id=sid, metadata=metadata)
+        except RuntimeError as error:
+            if "already exists" not in str(error):
+                raise  # "already exists": an earlier try got through; the lookup will find it
+
+    def stop(self, sid: str) -> None:
+        self.client.stop_job(sid)
+
+    def logs(self, sid: str) -> str:
+        return self.client.get_job_logs(sid)
+
+    def capacity(self) -> tuple[float, float, float]:
+        """(CPUs, GPUs, memory bytes) of the live cluster's alive nodes."""
+        from ray.util.state import list_nodes
+
+        cpus = gpus = memory = 0.0
+        for node in list_nodes(address=self.address, filters=[("state", "=", "ALIVE")], detail=True, raise_on_missing_output=False):
+            total = node.resources_total or {}
+            cpus += total.get("CPU", 0.0)
+            gpus += total.get("GPU", 0.0)
+            memory += total.get("memory", 0.0)
+        return cpus, gpus, memory
+
+
+def entrypoint(row: dict[str, Any], job_cwd: str | None = None) -> str:
+    """``python -m <job> --config <file> <overrides> run.*=<admitted gang>``; run.name defaults to the
+    queue's job id, so every attempt of a job (after a preemption) resumes the same checkpoints."""
+    overrides = list(row["overrides"])
+    if not any(o.startswith("run.name=") for o in overrides):
+        overrides.append(f"run.name={row['id']}")
+    overrides += [f"run.num_workers={row['workers']}", f"run.cpus_per_worker={row['cpus_per_worker']:g}", f"run.gpus_per_worker={row['gpus_per_worker']:g}"]
+    if row["memory_gb_per_worker"]:
+        overrides.append(f"run.resources_per_worker={{memory: {int(row['memory_gb_per_worker'] * st.GIB)}}}")
+    cmd = shlex.join(["python", "-m", row["job"], "--config", row["config"], *overrides])
+    return f"cd {shlex.quote(job_cwd)} && {cmd}" if job_cwd else cmd
+
+
+class Dispatcher:
+    def __init__(self, store: st.Store, settings: Settings, metrics: QueueMetrics, ray: RayJobs | None):
+        self.store, self.settings, self.metrics, self.ray = store, settings, metrics, ray
+        self._capacity: tuple[float, float, float] | None = tuple(
+            settings.capacity.get(k, 0.0) for k in ("CPU", "GPU", "memory")) if settings.capacity else None
+        self._capacity_at = 0.0
+        self.last_plan = None
+
+    def capacity(self, now: float) -> tuple[float, float, float] | None:
+        if self.settings.capacity is None and self.ray is not None and now - self._capacity_at > 5.0:
+            try:
+                self._capacity, self._capacity_at = self.ray.capacity(), now
+            except Exception as error:  # keep the last known capacity; the next cycle tries again
+                log.warning("cannot read the Ray cluster's resources: %s", error)
+        cap = self._capacity
+        if cap is not None and not any(cap[2:]):  # no memory figure: do not let memory requests block
+            cap = (cap[0], cap[1], float("inf"))
+        return cap
+
+    # -- one cycle ---------------------------------------------------------------------------------------
+    def cycle(self, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        s = self.settings
+        if self.ray is not None:
+            for row in self.store.jobs(states=st.HOLDING, limit=100_000):
+                try:
+                    self.follow(row, now)
+                except Exception as error:
+                    self.metrics.dispatch_errors.inc()
+                    log.warning("following job %s (%s) failed: %s", row["id"], row["submission_id"], error)
+        self.store.charge_running(now, half_life_s=s.half_life_s, gpu_weight=s.gpu_weight)
+        users, groups, running, waiting = self.store.snapshot(now, s.half_life_s)
+        self.metrics.observe_state(users, running, waiting)
+        capacity = self.capacity(now)
+        if capacity is None or self.ray is None:
+            return
+        result = plan(capacity=capacity, users=users, groups=groups, running=running, waiting=waiting, now=now, preemption=s.preemption)
+        self.last_plan = result
+        for job_id in result.preempt:
+            if self.store.transition(job_id, [st.RUNNING], st.PREEMPTING, message=f"preempted for {result.head}"):
+                self.metrics.preemptions.inc()
+        for row in self.store.start_dispatch(result.admit, now):
+            self.metrics.wait_seconds.observe(max(now - row["queued_at"], 0.0))
+            try:
+                self.ensure_submitted(row)
+            except Exception as error:
+                self.metrics.dispatch_errors.inc()
+                log.warning("submitting job %s failed (retried next cycle): %s", row["id"], error)
+
+    def ensure_submitted(self, row: dict) -> None:
+        """DISPATCHING -> RUNNING, submitting to Ray only if the submission id is not there yet."""
+        sid = row["submission_id"]
+        if self.ray.status(sid) is None:
+            self.ray.submit(sid, entrypoint(row, self.settings.job_cwd), {"labtrain_queue_job": row["id"], "user": row["user"]})
+        self.store.transition(row["id"], [st.DISPATCHING], st.RUNNING)
+
+    def follow(self, row: dict, now: float) -> None:
+        state, sid = row["state"], row["submission_id"]
+        if state == st.DISPATCHING:  # left so by a crash, or Ray was unreachable at the submission
+            self.ensure_submitted(row)
+            return
+        found = self.ray.status(sid)
+        end = dict(now=now, half_life_s=self.settings.half_life_s, gpu_weight=self.settings.gpu_weight)
+        if found is None:  # Ray forgot it (the cluster restarted): run it again from its checkpoint
+            final = {st.RUNNING: st.WAITING, st.PREEMPTING: st.WAITING, st.CANCELLING: st.CANCELLED}[state]
+            self.store.end_holding(row["id"], [state], final, message=f"Ray has no job {sid}", **end)
+            return
+        status, message = found
+        if state == st.RUNNING:
+            if status in RAY_TERMINAL:
+                final = {"SUCCEEDED": st.SUCCEEDED, "FAILED": st.FAILED, "STOPPED": st.CANCELLED}[status]
+                self.store.end_holding(row["id"], [st.RUNNING], final, message=message[-500:] or status.lower(), **end)
+            elif now - (row["started_at"] or now) > row["time_limit_s"]:
+                self.store.transition(row["id"], [st.RUNNING], st.CANCELLING, message=TIME_LIMIT_MESSAGE)
+                self.ray.stop(sid)
+            return
+        if status not in RAY_TERMINAL:
+            self.ray.stop(sid)  # repeated each cycle until Ray reports it stopped
+            return
+        if state == st.PREEMPTING and status == "STOPPED":
+            self.store.end_holding(row["id"], [st.PREEMPTING], st.WAITING, num_preemptions=row["num_preemptions"] + 1, **end)
+        elif state == st.CANCELLING and status == "STOPPED":
+            final = st.TIMEOUT if row["message"] == TIME_LIMIT_MESSAGE else st.CANCELLED
+            self.store.end_holding(row["id"], [st.CANCELLING], final, message=row["message"] if final == st.TIMEOUT else "cancelled", **end)
+        else:  # it ended on its own before the stop took effect
+            final = st.SUCCEEDED if status == "SUCCEEDED" else st.FAILED
+            self.store.end_holding(row["id"], [state], final, message=message[-500:] or status.lower(), **end)
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                self.cycle()
+            except Exception:
+                self.metrics.dispatch_errors.inc()
+                log.exception("scheduling cycle failed")
+            stop.wait(max(self.settings.cycle_s - (time.monotonic() - started), 0.0))

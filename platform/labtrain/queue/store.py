@@ -1,0 +1,302 @@
+"""The queue's state: users, groups, tokens (hashed), quotas, usage and jobs, in SQLite or PostgreSQL.
+
+SQLAlchemy Core, one code path for both. Every change is one transaction and every state transition is
+a conditional UPDATE (``WHERE state = <expected>``), so a crash at any point leaves either the old or the
+new state, and a racing cancel is never overwritten by the dispatcher.
+
+Job states::
+
+    WAITING -> DISPATCHING -> RUNNING -> SUCCEEDED | FAILED | TIMEOUT
+       ^            |            |--> PREEMPTING -> WAITING (resumes from its checkpoint)
+       |            '------------'--> CANCELLING -> CANCELLED
+       '-- (cancel while waiting: CANCELLED at once)
+
+DISPATCHING is written *before* the Ray submission: after a crash, the dispatcher finds the job there and
+looks its submission id up in Ray before submitting, so a job never starts twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import threading
+import time
+from typing import Any, Iterable
+
+import sqlalchemy as sa
+
+from labtrain.queue.scheduler import Quota, Running, UserShare, Waiting, decay
+from labtrain.queue.spec import PRIORITIES, JobSpec, UserEntry
+from labtrain.queue.spec import Quota as QuotaSpec
+
+WAITING, DISPATCHING, RUNNING, PREEMPTING, CANCELLING = "WAITING", "DISPATCHING", "RUNNING", "PREEMPTING", "CANCELLING"
+SUCCEEDED, FAILED, CANCELLED, TIMEOUT = "SUCCEEDED", "FAILED", "CANCELLED", "TIMEOUT"
+HOLDING = (DISPATCHING, RUNNING, PREEMPTING, CANCELLING)  # states that hold cluster resources
+TERMINAL = (SUCCEEDED, FAILED, CANCELLED, TIMEOUT)
+GIB = 2**30
+
+meta = sa.MetaData()
+users_t = sa.Table(
+    "users", meta,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("grp", sa.String(64), nullable=False),
+    sa.Column("share", sa.Float, nullable=False),
+    sa.Column("quota_cpus", sa.Float), sa.Column("quota_gpus", sa.Float), sa.Column("quota_jobs", sa.Integer),
+    sa.Column("token_hash", sa.String(64), unique=True),
+    sa.Column("admin", sa.Boolean, nullable=False, default=False),
+    sa.Column("usage", sa.Float, nullable=False, default=0.0),  # decayed resource-seconds as of usage_at
+    sa.Column("usage_at", sa.Float, nullable=False, default=0.0),
+)
+groups_t = sa.Table(
+    "groups", meta,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("quota_cpus", sa.Float), sa.Column("quota_gpus", sa.Float), sa.Column("quota_jobs", sa.Integer),
+)
+jobs_t = sa.Table(
+    "jobs", meta,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("user", sa.String(64), nullable=False, index=True),
+    sa.Column("request_id", sa.String(64)),
+    sa.Column("job", sa.String(128), nullable=False),
+    sa.Column("config", sa.Text, nullable=False),
+    sa.Column("overrides", sa.JSON, nullable=False),
+    sa.Column("workers", sa.Integer, nullable=False),
+    sa.Column("cpus_per_worker", sa.Float, nullable=False),
+    sa.Column("gpus_per_worker", sa.Float, nullable=False),
+    sa.Column("memory_gb_per_worker", sa.Float),
+    sa.Column("priority", sa.String(16), nullable=False),
+    sa.Column("time_limit_s", sa.Float, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False, index=True),
+    sa.Column("submitted_at", sa.Float, nullable=False),
+    sa.Column("queued_at", sa.Float, nullable=False),  # last time it (re)entered WAITING
+    sa.Column("started_at", sa.Float),
+    sa.Column("ended_at", sa.Float),
+    sa.Column("charged_at", sa.Float),  # usage is charged up to here
+    sa.Column("attempt", sa.Integer, nullable=False, default=0),
+    sa.Column("submission_id", sa.String(48)),
+    sa.Column("num_preemptions", sa.Integer, nullable=False, default=0),
+    sa.Column("message", sa.Text, nullable=False, default=""),
+    sa.UniqueConstraint("user", "request_id", name="uq_jobs_user_request"),
+)
+
+
+def hash_token(token: str) -> str:
+    # Tokens are 32 random bytes, so a plain SHA-256 is enough (no dictionary to guess from).
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def submission_id(job_id: str, attempt: int) -> str:
+    """The Ray submission id of one attempt: the job id itself, then ``<id>-r<attempt>`` after preemptions."""
+    return job_id if attempt <= 1 else f"{job_id}-r{attempt}"
+
+
+def engine_for(db: str) -> sa.Engine:
+    if "://" not in db:
+        engine = sa.create_engine(f"sqlite:///{db}", connect_args={"check_same_thread": False, "timeout": 30})
+
+        @sa.event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn, _record):
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")  # a commit survives power loss, not just a killed process
+            cur.close()
+
+        return engine
+    if db.startswith("postgresql://"):
+        db = "postgresql+psycopg://" + db[len("postgresql://"):]
+    return sa.create_engine(db, pool_pre_ping=True)
+
+
+def _row(r) -> dict[str, Any]:
+    return dict(r._mapping)
+
+
+class Store:
+    """All reads and writes of the queue's state. Writes are serialized in this process (one service)."""
+
+    def __init__(self, db: str):
+        self.engine = engine_for(db)
+        meta.create_all(self.engine)
+        self._write = threading.RLock()
+
+    def tx(self):
+        return _Tx(self)
+
+    # -- users, groups, tokens ------------------------------------------------------------------------
+    def upsert_user(self, entry: UserEntry, *, token: str | None = None) -> None:
+        values = {
+            "grp": entry.group, "share": entry.share, "admin": entry.admin,
+            "quota_cpus": entry.quotas.cpus, "quota_gpus": entry.quotas.gpus, "quota_jobs": entry.quotas.jobs,
+        }
+        token = token or entry.token
+        if token:
+            values["token_hash"] = hash_token(token)
+        with self.tx() as conn:
+            if conn.execute(sa.select(users_t.c.name).where(users_t.c.name == entry.name)).first():
+                conn.execute(users_t.update().where(users_t.c.name == entry.name).values(**values))
+            else:
+                conn.execute(users_t.insert().values(name=entry.name, usage=0.0, usage_at=time.time(), **values))
+
+    def set_user_quota(self, name: str, quota: QuotaSpec, share: float | None = None) -> bool:
+        values = {"quota_cpus": quota.cpus, "quota_gpus": quota.gpus, "quota_jobs": quota.jobs}
+        if share is not None:
+            values["share"] = share
+        with self.tx() as conn:
+            return conn.execute(users_t.update().where(users_t.c.name == name).values(**values)).rowcount == 1
+
+    def set_group_quota(self, name: str, quota: QuotaSpec) -> None:
+        values = {"quota_cpus": quota.cpus, "quota_gpus": quota.gpus, "quota_jobs": quota.jobs}
+        with self.tx() as conn:
+            if conn.execute(groups_t.update().where(groups_t.c.name == name).values(**values)).rowcount == 0:
+                conn.execute(groups_t.insert().values(name=name, **values))
+
+    def user_by_token(self, token: str) -> dict | None:
+        with self.engine.connect() as conn:
+            r = conn.execute(sa.select(users_t).where(users_t.c.token_hash == hash_token(token))).first()
+        return _row(r) if r else None
+
+    def users(self) -> list[dict]:
+        with self.engine.connect() as conn:
+            return [_row(r) for r in conn.execute(sa.select(users_t).order_by(users_t.c.name))]
+
+    def groups(self) -> list[dict]:
+        with self.engine.connect() as conn:
+            return [_row(r) for r in conn.execute(sa.select(groups_t).order_by(groups_t.c.name))]
+
+    # -- jobs --------------------------------------------------------------------------------------------
+    def submit(self, user: str, spec: JobSpec, *, time_limit_s: float, now: float | None = None) -> tuple[dict, bool]:
+        """Queue a job; returns (row, created). A repeated request_id returns the first job."""
+        now = time.time() if now is None else now
+        res = spec.resources
+        with self.tx() as conn:
+            if spec.request_id is not None:
+                r = conn.execute(sa.select(jobs_t).where(jobs_t.c.user == user, jobs_t.c.request_id == spec.request_id)).first()
+                if r:
+                    return _row(r), False
+            row = {
+                "id": "lt-" + secrets.token_hex(5), "user": user, "request_id": spec.request_id, "job": spec.job,
+                "config": spec.config, "overrides": list(spec.overrides), "workers": res.workers,
+                "cpus_per_worker": res.cpus_per_worker, "gpus_per_worker": res.gpus_per_worker,
+                "memory_gb_per_worker": res.memory_gb_per_worker, "priority": spec.priority, "time_limit_s": time_limit_s,
+                "state": WAITING, "submitted_at": now, "queued_at": now, "attempt": 0, "num_preemptions": 0, "message": "",
+            }
+            conn.execute(jobs_t.insert().values(**row))
+        return self.job(row["id"]), True
+
+    def job(self, job_id: str) -> dict | None:
+        with self.engine.connect() as conn:
+            r = conn.execute(sa.select(jobs_t).where(jobs_t.c.id == job_id)).first()
+        return _row(r) if r else None
+
+    def jobs(self, *, user: str | None = None, states: Iterable[str] | None = None, limit: int = 1000) -> list[dict]:
+        q = sa.select(jobs_t)
+        if user is not None:
+            q = q.where(jobs_t.c.user == user)
+        if states is not None:
+            q = q.where(jobs_t.c.state.in_(list(states)))
+        q = q.order_by(jobs_t.c.submitted_at.desc()).limit(limit)
+        with self.engine.connect() as conn:
+            return [_row(r) for r in conn.execute(q)]
+
+    def request_cancel(self, job_id: str, now: float | None = None) -> dict | None:
+        """WAITING -> CANCELLED; holding states -> CANCELLING (the dispatcher stops the Ray job)."""
+        now = time.time() if now is None else now
+        with self.tx() as conn:
+            conn.execute(jobs_t.update().where(jobs_t.c.id == job_id, jobs_t.c.state == WAITING).values(state=CANCELLED, ended_at=now, message="cancelled while waiting"))
+            conn.execute(jobs_t.update().where(jobs_t.c.id == job_id, jobs_t.c.state.in_([DISPATCHING, RUNNING, PREEMPTING])).values(state=CANCELLING, message="cancel requested"))
+        return self.job(job_id)
+
+    def transition(self, job_id: str, frm: Iterable[str], to: str, **values) -> bool:
+        """Move a job from one of ``frm`` to ``to``; False if it was no longer in ``frm`` (a cancel won the race)."""
+        with self.tx() as conn:
+            res = conn.execute(jobs_t.update().where(jobs_t.c.id == job_id, jobs_t.c.state.in_(list(frm))).values(state=to, **values))
+            return res.rowcount == 1
+
+    def start_dispatch(self, job_ids: list[str], now: float) -> list[dict]:
+        """WAITING -> DISPATCHING with the next attempt's submission id, committed before Ray hears of it."""
+        out = []
+        with self.tx() as conn:
+            for job_id in job_ids:
+                r = conn.execute(sa.select(jobs_t.c.attempt).where(jobs_t.c.id == job_id, jobs_t.c.state == WAITING)).first()
+                if r is None:
+                    continue
+                attempt = r.attempt + 1
+                conn.execute(jobs_t.update().where(jobs_t.c.id == job_id).values(
+                    state=DISPATCHING, attempt=attempt, submission_id=submission_id(job_id, attempt), started_at=now, charged_at=now, message=""))
+                out.append(job_id)
+        return [self.job(j) for j in out]
+
+    def end_holding(self, job_id: str, frm: Iterable[str], to: str, now: float, *, half_life_s: float, gpu_weight: float, **values) -> bool:
+        """Leave a holding state: charge the last stretch of usage in the same transaction."""
+        with self.tx() as conn:
+            r = conn.execute(sa.select(jobs_t).where(jobs_t.c.id == job_id, jobs_t.c.state.in_(list(frm)))).first()
+            if r is None:
+                return False
+            self._charge(conn, [_row(r)], now, half_life_s, gpu_weight)
+            extra = {"queued_at": now, "started_at": None, "charged_at": None} if to == WAITING else {"ended_at": now}
+            conn.execute(jobs_t.update().where(jobs_t.c.id == job_id).values(state=to, **{**extra, **values}))
+            return True
+
+    # -- usage -------------------------------------------------------------------------------------------
+    @staticmethod
+    def _charge(conn, rows: list[dict], now: float, half_life_s: float, gpu_weight: float) -> None:
+        by_user: dict[str, float] = {}
+        for r in rows:
+            since = r["charged_at"] if r["charged_at"] is not None else now
+            rate = r["workers"] * (r["cpus_per_worker"] + gpu_weight * r["gpus_per_worker"])
+            by_user[r["user"]] = by_user.get(r["user"], 0.0) + rate * max(now - since, 0.0)
+            conn.execute(jobs_t.update().where(jobs_t.c.id == r["id"]).values(charged_at=now))
+        for name, amount in by_user.items():
+            u = conn.execute(sa.select(users_t.c.usage, users_t.c.usage_at).where(users_t.c.name == name)).first()
+            if u is not None:
+                conn.execute(users_t.update().where(users_t.c.name == name).values(usage=decay(u.usage, now - u.usage_at, half_life_s) + amount, usage_at=now))
+
+    def charge_running(self, now: float, *, half_life_s: float, gpu_weight: float) -> None:
+        """Charge every resource-holding job's usage up to ``now`` (one transaction)."""
+        with self.tx() as conn:
+            rows = [_row(r) for r in conn.execute(sa.select(jobs_t).where(jobs_t.c.state.in_(HOLDING)))]
+            self._charge(conn, rows, now, half_life_s, gpu_weight)
+
+    # -- the scheduler's view ----------------------------------------------------------------------------
+    def snapshot(self, now: float, half_life_s: float) -> tuple[dict[str, UserShare], dict[str, Quota], list[Running], list[Waiting]]:
+        with self.engine.connect() as conn:
+            users = {
+                r.name: UserShare(r.name, r.grp, r.share, decay(r.usage, now - r.usage_at, half_life_s), Quota(r.quota_gpus, r.quota_cpus, r.quota_jobs))
+                for r in conn.execute(sa.select(users_t))
+            }
+            groups = {r.name: Quota(r.quota_gpus, r.quota_cpus, r.quota_jobs) for r in conn.execute(sa.select(groups_t))}
+            running, waiting = [], []
+            for r in conn.execute(sa.select(jobs_t).where(jobs_t.c.state.in_([WAITING, *HOLDING]))):
+                memory = r.workers * (r.memory_gb_per_worker or 0.0) * GIB
+                cpus, gpus = r.workers * r.cpus_per_worker, r.workers * r.gpus_per_worker
+                if r.state == WAITING:
+                    waiting.append(Waiting(r.id, r.user, PRIORITIES[r.priority], r.submitted_at, cpus, gpus, memory, r.time_limit_s))
+                else:
+                    running.append(Running(r.id, r.user, PRIORITIES[r.priority], r.started_at or now, cpus, gpus, memory, r.time_limit_s, stopping=r.state in (PREEMPTING, CANCELLING)))
+        return users, groups, running, waiting
+
+
+class _Tx:
+    """``with store.tx() as conn``: one serialized transaction, committed on success, rolled back on error."""
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    def __enter__(self):
+        self.store._write.acquire()
+        self._ctx = self.store.engine.begin()
+        try:
+            return self._ctx.__enter__()
+        except BaseException:
+            self.store._write.release()
+            raise
+
+    def __exit__(self, *exc):
+        try:
+            return self._ctx.__exit__(*exc)
+        finally:
+            self.store._write.release()

@@ -1,0 +1,136 @@
+"""The HTTP API without Ray: validation, authorization, users and quotas, metrics, the CLI's errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from tests.queue.conftest import ADMIN_TOKEN, TOKENS, SLEEP_CONFIG
+
+LABTRAIN = [sys.executable, "-m", "labtrain.cli"]
+
+
+@pytest.fixture
+def server(make_server):
+    return make_server(None)
+
+
+def test_health_openapi_and_page(server):
+    assert httpx.get(server.url + "/healthz").json() == {"ok": True}
+    paths = httpx.get(server.url + "/openapi.json").json()["paths"]
+    assert {"/api/v1/jobs", "/api/v1/jobs/{job_id}", "/api/v1/jobs/{job_id}/cancel", "/api/v1/jobs/{job_id}/logs", "/api/v1/users"} <= set(paths)
+    page = httpx.get(server.url + "/")
+    assert page.status_code == 200 and "api/v1/summary" in page.text
+
+
+def test_bad_spec_is_refused_naming_the_field_and_nothing_is_queued(server):
+    alice = server.client("alice")
+    cases = {
+        "resources.workers": {**server.sleep_spec("x"), "resources": {"workers": 0}},
+        "priority": {**server.sleep_spec("x"), "priority": "urgent"},
+        "job": {**server.sleep_spec("x"), "job": "os.system"},
+        "resources.gpus_per_worker": {**server.sleep_spec("x"), "resources": {"gpus_per_worker": -1}},
+        "overrides": {**server.sleep_spec("x"), "overrides": ["run.num_workers=8"]},
+        "time_limit_s": {**server.sleep_spec("x"), "time_limit_s": 0},
+        "colour": {**server.sleep_spec("x"), "colour": "red"},
+    }
+    for field, spec in cases.items():
+        r = alice.post("/api/v1/jobs", json=spec)
+        assert r.status_code == 422, (field, r.text)
+        locs = [".".join(str(p) for p in e["loc"][1:]) for e in r.json()["detail"]]
+        assert any(loc.startswith(field) for loc in locs), (field, locs)
+    assert alice.get("/api/v1/jobs").json() == []
+
+
+def test_quota_larger_than_a_job_is_refused(make_server):
+    from tests.queue.conftest import users_list
+
+    server = make_server(None, users=users_list(carol={"cpus": 2}))
+    r = server.client("carol").post("/api/v1/jobs", json=server.sleep_spec("x", workers=2, cpus=2))
+    assert r.status_code == 422 and "quota is 2" in r.text
+
+
+def test_every_endpoint_as_the_wrong_user_is_refused(server):
+    alice, bob = server.client("alice"), server.client("bob")
+    job = alice.post("/api/v1/jobs", json=server.sleep_spec("a")).json()
+    jid = job["id"]
+    for method, path in (("GET", f"/api/v1/jobs/{jid}"), ("POST", f"/api/v1/jobs/{jid}/cancel"), ("GET", f"/api/v1/jobs/{jid}/logs")):
+        assert bob.request(method, path).status_code == 404, path
+        assert httpx.request(method, server.url + path).status_code == 401, path
+        assert httpx.request(method, server.url + path, headers={"Authorization": "Bearer wrong-token-xxxxxxxxxxxxxxxx"}).status_code == 401, path
+    assert bob.get("/api/v1/jobs").json() == []
+    assert bob.get("/api/v1/jobs", params={"all": True}).json() == []  # all= is for admins only
+    assert [j["id"] for j in bob.get("/api/v1/summary").json()["waiting"]] == []
+    admin_only = (("GET", "/api/v1/users", None), ("POST", "/api/v1/users", {"name": "eve"}), ("PUT", "/api/v1/users/alice/quota", {"quotas": {"cpus": 1000}}),
+                  ("GET", "/api/v1/groups", None), ("PUT", "/api/v1/groups/vision/quota", {"quotas": {"cpus": 1000}}))
+    for method, path, body in admin_only:
+        assert bob.request(method, path, json=body).status_code == 403, path
+        assert httpx.request(method, server.url + path, json=body).status_code == 401, path
+    assert alice.get(f"/api/v1/jobs/{jid}").json()["state"] == "WAITING"  # bob's cancel did nothing
+    # The owner and an admin may.
+    admin = server.client("admin")
+    assert [j["id"] for j in admin.get("/api/v1/jobs", params={"all": True}).json()] == [jid]
+    assert admin.post(f"/api/v1/jobs/{jid}/cancel").json()["state"] == "CANCELLED"
+
+
+def test_admin_manages_users_and_quotas(server):
+    admin = server.client("admin")
+    r = admin.post("/api/v1/users", json={"name": "eve", "group": "nlp", "share": 2.0, "quotas": {"gpus": 4}})
+    token = r.json()["token"]
+    eve = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}"})
+    assert eve.get("/api/v1/whoami").json() == {"name": "eve", "group": "nlp", "admin": False}
+    admin.put("/api/v1/users/eve/quota", json={"quotas": {"cpus": 8, "jobs": 2}})
+    users = {u["name"]: u for u in admin.get("/api/v1/users").json()}
+    assert users["eve"]["quotas"] == {"cpus": 8, "gpus": None, "jobs": 2} and users["eve"]["share"] == 2.0
+    assert "token" not in users["eve"] and "token_hash" not in users["eve"]
+
+
+def test_request_id_makes_a_retried_submit_return_the_same_job(server):
+    alice = server.client("alice")
+    spec = {**server.sleep_spec("a"), "request_id": "retry-1"}
+    first, second = alice.post("/api/v1/jobs", json=spec).json(), alice.post("/api/v1/jobs", json=spec).json()
+    assert first["id"] == second["id"] and len(alice.get("/api/v1/jobs").json()) == 1
+
+
+def test_metrics_pass_promtool(server):
+    alice = server.client("alice")
+    alice.post("/api/v1/jobs", json={**server.sleep_spec("a"), "priority": "high"})
+    import time
+    time.sleep(0.6)  # one cycle fills the gauges
+    text = httpx.get(server.url + "/metrics").text
+    assert 'labtrain_queue_waiting_jobs{priority="high",user="alice"} 1.0' in text
+    for name in ("labtrain_queue_wait_seconds_bucket", "labtrain_queue_admitted_gpus", "labtrain_queue_admitted_cpus",
+                 "labtrain_queue_fair_share_usage", "labtrain_queue_preemptions_total", "labtrain_queue_dispatch_errors_total"):
+        assert name in text, name
+    check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_cli_submit_queue_show_cancel_and_clear_errors(server, tmp_path):
+    env = {"LABTRAIN_QUEUE_URL": server.url, "LABTRAIN_TOKEN": TOKENS["alice"], "LABTRAIN_QUEUE_CONFIG": str(tmp_path / "none.yaml"), "PATH": "/usr/bin:/bin"}
+    run = lambda *a, **kw: subprocess.run([*LABTRAIN, *a], capture_output=True, text=True, env={**__import__("os").environ, **env, **kw}, timeout=60)
+    sub = run("submit", SLEEP_CONFIG, "--job", "tests.queue.sleepjob", "--workers", "2", "--priority", "high", "--time-limit", "10m", "marker_dir=/tmp", "steps=1")
+    assert sub.returncode == 0, sub.stderr
+    jid = sub.stdout.strip()
+    shown = run("show", jid)
+    assert f'"id": "{jid}"' in shown.stdout and '"time_limit_s": 600.0' in shown.stdout and '"workers": 2' in shown.stdout
+    table = run("queue")
+    assert jid in table.stdout and "WAITING" in table.stdout and "high" in table.stdout
+    assert "CANCELLED" in run("cancel", jid).stderr
+    bad = run("submit", SLEEP_CONFIG, "--job", "tests.queue.sleepjob", "--workers", "0")
+    assert bad.returncode == 2 and "resources.workers" in bad.stderr
+    denied = run("queue", LABTRAIN_TOKEN="not-a-token-xxxxxxxxxxxxxxxxxxx")
+    assert denied.returncode == 2 and "refused the token" in denied.stderr
+    down = run("queue", LABTRAIN_QUEUE_URL="http://127.0.0.1:9")
+    assert down.returncode == 2 and "cannot reach the queue" in down.stderr
+    assert run("show", "lt-nope").returncode == 2
+    # users: admin only
+    assert run("users", "list").returncode == 2
+    admin = run("users", "add", "frank", "--gpus", "2", LABTRAIN_TOKEN=ADMIN_TOKEN)
+    assert admin.returncode == 0 and len(admin.stdout.strip()) > 20
+    assert run("users", "set-quota", "frank", "--cpus", "4", LABTRAIN_TOKEN=ADMIN_TOKEN).returncode == 0
+    listed = run("users", "list", LABTRAIN_TOKEN=ADMIN_TOKEN)
+    assert "frank" in listed.stdout

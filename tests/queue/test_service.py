@@ -1,0 +1,142 @@
+"""The queue in front of a real 2-node local Ray cluster (4 CPUs): fair share, gangs and backfill, quotas,
+cancel, preemption with resume. Jobs are tests/queue/sleepjob.py: they take no Ray resources themselves, so
+only the queue's accounting decides what runs at once."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import pytest
+from ray.job_submission import JobSubmissionClient
+
+from tests.queue.conftest import job_state, users_list, wait_for, wait_states
+
+pytestmark = pytest.mark.slow
+
+
+def submit(client, spec) -> str:
+    r = client.post("/api/v1/jobs", json=spec)
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def test_one_job_runs_with_the_admitted_resources_and_its_logs(make_server, ray_cluster):
+    server = make_server(ray_cluster.dashboard_url)
+    alice = server.client("alice")
+    jid = submit(alice, server.sleep_spec("one", workers=2, cpus=1.5))
+    job = wait_states(alice, [jid])[jid]
+    assert job["attempt"] == 1 and job["submission_id"] == jid
+    assert server.marker("one")[0].startswith("start step=0 workers=2 cpus=1.5 gpus=0")
+    assert JobSubmissionClient(ray_cluster.dashboard_url).get_job_status(jid).value == "SUCCEEDED"
+    assert "sleepjob one done" in alice.get(f"/api/v1/jobs/{jid}/logs").json()["logs"]
+    usage = {u["name"]: u["usage"] for u in alice.get("/api/v1/summary").json()["users"]}
+    assert usage["alice"] > 0 and usage["bob"] == 0
+
+
+def test_two_users_interleave_by_fair_share(make_server, ray_cluster):
+    server = make_server(ray_cluster.dashboard_url)
+    alice, bob = server.client("alice"), server.client("bob")
+    # Every job takes the whole cluster (4 CPUs), so they run one at a time; alice queued all hers first.
+    ids = [submit(alice, server.sleep_spec(f"fa{i}", workers=2, cpus=2)) for i in range(3)]
+    ids += [submit(bob, server.sleep_spec(f"fb{i}", workers=2, cpus=2)) for i in range(3)]
+    jobs = wait_states(server.client("admin"), ids, timeout_s=180)
+    users = [j["user"] for j in sorted(jobs.values(), key=lambda j: j["started_at"])]
+    assert users[:2] == ["alice", "bob"], users  # FIFO would run all of alice's first
+    assert max(len(list(g)) for _, g in itertools.groupby(users)) <= 2, users
+
+
+def test_gang_waits_while_short_jobs_backfill(make_server, ray_cluster):
+    server = make_server(ray_cluster.dashboard_url)
+    alice, bob, admin = server.client("alice"), server.client("bob"), server.client("admin")
+    first = submit(alice, {**server.sleep_spec("g-first", workers=2, steps=12, step_s=0.5), "time_limit_s": 60})
+    wait_for(lambda: job_state(alice, first)["state"] == "RUNNING", 30, what="the first job to run")
+    gang = submit(alice, {**server.sleep_spec("g-gang", workers=4), "time_limit_s": 60})  # needs all 4 CPUs: waits for `first`
+    short = submit(bob, {**server.sleep_spec("g-short", workers=2), "time_limit_s": 20})  # ends before `first` may end: backfills
+    # alice's, so behind her gang in the order (bob's would go first by fair share once `first` charged alice).
+    long = submit(alice, {**server.sleep_spec("g-long", workers=2), "time_limit_s": 3600})  # could delay the gang: waits
+    jobs = wait_states(admin, [first, gang, short, long], timeout_s=120)
+    assert jobs[short]["started_at"] < jobs[first]["ended_at"], "the short job did not backfill"
+    assert jobs[gang]["started_at"] >= jobs[first]["ended_at"]
+    assert jobs[gang]["started_at"] >= jobs[short]["ended_at"]
+    assert jobs[long]["started_at"] >= jobs[gang]["started_at"], "the long job jumped ahead of the gang"
+
+
+def test_quotas_hold(make_server, ray_cluster):
+    server = make_server(ray_cluster.dashboard_url, users=users_list(carol={"jobs": 1}, dave={"cpus": 2}))
+    carol, dave, admin = server.client("carol"), server.client("dave"), server.client("admin")
+    ids = [submit(carol, server.sleep_spec(f"qc{i}", step_s=0.3)) for i in range(3)]
+    ids += [submit(dave, server.sleep_spec(f"qd{i}", step_s=0.3)) for i in range(3)]
+    jobs = wait_states(admin, ids, timeout_s=120)
+    for user, limit in (("carol", 1), ("dave", 2)):  # carol: 1 job at a time; dave: 2 CPUs = 2 one-CPU jobs
+        spans = [(j["started_at"], j["ended_at"]) for j in jobs.values() if j["user"] == user]
+        for t, _ in spans:
+            assert sum(1 for s, e in spans if s <= t < e) <= limit, (user, spans)
+
+
+def test_cancel_stops_the_ray_job(make_server, ray_cluster):
+    server = make_server(ray_cluster.dashboard_url)
+    alice = server.client("alice")
+    jid = submit(alice, server.sleep_spec("c-long", steps=600, step_s=0.5))
+    wait_for(lambda: server.marker("c-long")[1:], 60, what="the job to take a step")
+    assert alice.post(f"/api/v1/jobs/{jid}/cancel").json()["state"] == "CANCELLING"
+    wait_states(alice, [jid], states=("CANCELLED",), timeout_s=60)
+    assert JobSubmissionClient(ray_cluster.dashboard_url).get_job_status(jid).value == "STOPPED"
+    steps = len(server.marker("c-long"))
+    time.sleep(1.5)
+    assert len(server.marker("c-long")) == steps, "the job kept running after its cancel"
+
+
+def test_preempted_job_resumes_from_its_checkpoint_and_finishes(make_server, ray_cluster):
+    server = make_server(ray_cluster.dashboard_url)
+    alice, bob, admin = server.client("alice"), server.client("bob"), server.client("admin")
+    low = submit(alice, {**server.sleep_spec("p-low", workers=4, steps=10, step_s=0.4), "priority": "low"})
+    wait_for(lambda: sum(line.startswith("step") for line in server.marker("p-low")) >= 3, 60, what="3 steps of the low job")
+    high = submit(bob, {**server.sleep_spec("p-high", workers=2), "priority": "high"})
+    jobs = wait_states(admin, [low, high], timeout_s=120)
+    assert jobs[low]["num_preemptions"] == 1 and jobs[low]["attempt"] == 2
+    assert jobs[high]["started_at"] < jobs[low]["started_at"]  # the low job's second attempt came after
+    starts = [line for line in server.marker("p-low") if line.startswith("start")]
+    assert len(starts) == 2 and starts[0].startswith("start step=0")
+    resumed = int(starts[1].split()[1].split("=")[1])
+    assert resumed >= 3, starts  # it continued from its checkpoint, not from step 0
+    assert server.marker("p-low")[-1] == "done"
+    ray = JobSubmissionClient(ray_cluster.dashboard_url)
+    assert ray.get_job_status(low).value == "STOPPED" and ray.get_job_status(f"{low}-r2").value == "SUCCEEDED"
+    metrics = __import__("httpx").get(server.url + "/metrics").text
+    assert "labtrain_queue_preemptions_total 1.0" in metrics
+
+
+def test_time_limit_stops_a_job_and_cli_logs_follow(make_server, ray_cluster):
+    import os
+    import subprocess
+    import sys
+
+    from tests.queue.conftest import TOKENS
+
+    server = make_server(ray_cluster.dashboard_url)
+    alice = server.client("alice")
+    jid = submit(alice, {**server.sleep_spec("t-limit", steps=600, step_s=0.2), "time_limit_s": 3})
+    env = {**os.environ, "LABTRAIN_QUEUE_URL": server.url, "LABTRAIN_TOKEN": TOKENS["alice"]}
+    follow = subprocess.run([sys.executable, "-m", "labtrain.cli", "logs", jid, "-f"], capture_output=True, text=True, env=env, timeout=120)
+    # -f returned once the job ended, with status 1: it did not succeed
+    assert follow.returncode == 1 and "sleepjob t-limit starting at step 0" in follow.stdout, follow.stdout + follow.stderr
+    assert "TIMEOUT" in follow.stderr
+    job = job_state(alice, jid)
+    assert job["state"] == "TIMEOUT" and 3 <= job["ended_at"] - job["started_at"] < 30, job
+    assert "done" not in server.marker("t-limit")
+
+
+def test_shapes_job_runs_through_the_queue_on_its_admitted_gang(make_server, ray_cluster, tmp_path):
+    """The real platform job: the queue's run.* overrides size its Ray Train gang; it trains and finishes."""
+    from tests.conftest import REPO
+
+    server = make_server(ray_cluster.dashboard_url, extra_args=["--job-cwd", str(REPO)])
+    alice = server.client("alice")
+    overrides = ["epochs=1", "synthetic.num_samples=128", "synthetic.samples_per_shard=64", "data.num_workers=0", "data.shuffle_buffer=0",
+                 f"data.urls={tmp_path}/shapes/shard-{{000000..000001}}.tar", f"run.storage_path={tmp_path}/ckpt", "num_val_samples=64", "checkpoint_every=2"]
+    jid = submit(alice, {"job": "jobs.shapes", "config": "jobs/shapes/configs/demo.yaml", "overrides": overrides,
+                         "resources": {"workers": 2, "cpus_per_worker": 1}, "time_limit_s": 600})
+    wait_states(alice, [jid], timeout_s=300)
+    logs = alice.get(f"/api/v1/jobs/{jid}/logs").json()["logs"]
+    assert (tmp_path / "ckpt" / jid).is_dir(), logs[-2000:]  # run.name defaults to the queue's job id
