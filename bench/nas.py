@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="2 seeds instead of 100 (about a minute on 2 cores)")
     parser.add_argument("--seeds", type=int, help="number of seeds (default 100, or 2 with --quick)")
+    parser.add_argument("--first-seed", type=int, default=0, help="run seeds FIRST .. FIRST+SEEDS-1 (to extend an earlier run)")
     parser.add_argument("--table", default=str(DEFAULT_TABLE), help="CSV of (arch, test_accuracy) in the NAS-Bench-201 space")
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="worker processes (seeds run in parallel)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of weaknas,random,evolution")
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(table.archs)} architectures in {args.table}, best score {table.best_score} ({int((table.scores == table.best_score).sum())} with it)", flush=True)
 
     start = time.perf_counter()
-    tasks = [(m, s) for m in methods for s in range(num_seeds)]
+    tasks = [(m, s) for m in methods for s in range(args.first_seed, args.first_seed + num_seeds)]
     with ProcessPoolExecutor(max_workers=args.jobs, initializer=_init_worker, initargs=(args.table,)) as pool:
         futures = [pool.submit(queries_to_best, m, s, cfg) for m, s in tasks]
         results = []
@@ -115,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     weak = cfg.weaknas
     figures.update(
         seeds=num_seeds,
+        first_seed=args.first_seed,
         table=str(args.table),
         table_size=len(table.archs),
         predictor=weak.predictor.model_dump(),
