@@ -96,7 +96,14 @@ def _ray_cmd(spec: ClusterSpec, node: int) -> list[str]:
     common = ["--block", *agent_ports, f"--num-cpus={spec.cpus_per_node}", "--num-gpus=0", f"--resources={resources}", f"--object-store-memory={spec.object_store_bytes}", "--disable-usage-stats"]
     if node == 0:
         return [ray, "start", "--head", f"--port={spec.gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={spec.dashboard_port}", "--node-ip-address=127.0.0.1", *common]
-    return [ray, "start", f"--address=127.0.0.1:{spec.gcs_port}", "--node-ip-address=127.0.0.1", *common]
+    # A temp dir of its own: two nodes sharing /tmp/ray's session logs would each forward every worker's
+    # output to the driver, and every line would be printed twice.
+    return [ray, "start", f"--address=127.0.0.1:{spec.gcs_port}", "--node-ip-address=127.0.0.1", f"--temp-dir={node_temp_dir(spec, node)}", *common]
+
+
+def node_temp_dir(spec: ClusterSpec, node: int) -> str:
+    """Ray's temp dir for a non-head node; short, because Ray puts unix sockets under it."""
+    return f"/tmp/ray-lt{spec.gcs_port}-n{node}"
 
 
 def _free_port() -> int:
