@@ -163,3 +163,20 @@ def test_undecodable_samples_are_skipped_and_counted(even_shards):
     assert stream.skipped_samples == 25  # k000007, k000017, ..., k000247
     assert not any(k.endswith("7") for k in keys)  # each was replaced by a copy of a good sample
     assert len(set(keys)) == 256 - 25
+
+
+def test_a_shard_cut_between_two_files_of_one_sample_is_bad_not_a_partial_sample(even_shards):
+    """A cut at a file boundary leaves a tar that ends cleanly, with its last sample missing a file."""
+    import tarfile
+
+    pattern, _ = even_shards
+    shard = load_shards(pattern)[2].url
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
+    assert members[0].name.rsplit(".", 1)[0] == members[1].name.rsplit(".", 1)[0]  # one sample's two files
+    with open(shard, "r+b") as f:
+        f.truncate(members[11].offset)  # sample 5 keeps its first file, loses its second
+    stream = DataStream(DataConfig(urls=pattern, batch_size=8, max_bad_shards=1), rank=0, world_size=1)
+    batches = list(stream)
+    assert all(set(b) == {"__key__", "npy", "cls"} for b in batches)
+    assert stream.bad_shards == {shard} and stream.skipped_samples == 32

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import os
 import random
 import tarfile
 from collections import deque
@@ -99,18 +100,28 @@ def _with_url(files: Iterator[Sample], url: str) -> Iterator[Sample]:
         yield f
 
 
-def _read_shard(url: str, skip: int, count: int) -> Iterator[Sample]:
-    """Samples ``skip .. skip+count`` of one tar; raises if the shard ends early or is corrupt."""
-    with open_url(url, "rb") as stream:
+def _size_of(stream) -> int:
+    size = getattr(stream, "size", None)  # s3fs files know their object's size
+    return int(size) if size is not None else os.fstat(stream.fileno()).st_size
+
+
+def _read_shard(shard: Shard, skip: int, count: int) -> Iterator[Sample]:
+    """Samples ``skip .. skip+count`` of one tar; raises if the shard is not the size the index says (a
+    tar cut between two files of one sample would otherwise end in a sample missing a file), ends early
+    or is corrupt."""
+    with open_url(shard.url, "rb") as stream:
+        size = _size_of(stream)
+        if size != shard.size_bytes:
+            raise DataError(f"shard {shard.url} has {size} bytes but the index says {shard.size_bytes}: truncated or rewritten; rebuild the index with `labtrain shards index`")
         files = tar_file_iterator(stream)
         seen = 0
-        for sample in group_by_keys(_with_url(files, url)):
+        for sample in group_by_keys(_with_url(files, shard.url)):
             if seen >= skip:
                 yield sample
                 if seen - skip + 1 == count:
                     return
             seen += 1
-    raise DataError(f"shard {url} ended after {seen} samples, but the index promises at least {skip + count}")
+    raise DataError(f"shard {shard.url} ended after {seen} samples, but the index promises at least {skip + count}")
 
 
 def read_positions(ranges: Ranges, *, plan: EpochPlan) -> Iterator[Sample]:
@@ -124,7 +135,7 @@ def read_positions(ranges: Ranges, *, plan: EpochPlan) -> Iterator[Sample]:
             count = min(hi - pos, shard.num_samples - offset)
             done = 0
             try:
-                for sample in _read_shard(shard.url, offset, count):
+                for sample in _read_shard(shard, offset, count):
                     sample["__pos__"] = pos + done
                     yield sample
                     done += 1

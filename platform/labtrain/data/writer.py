@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import posixpath
+import time
 from typing import Any, Iterable
 
 import webdataset as wds
@@ -39,7 +40,9 @@ class ShardWriter:
     def _open(self) -> None:
         self._name = f"{self.prefix}-{len(self.entries):06d}.tar"
         self._buffer = io.BytesIO()
-        self._tar = wds.TarWriter(self._buffer)
+        # A whole-second mtime: a float one makes tarfile add a PAX header to every member, which doubles
+        # the headers every reader parses.
+        self._tar = wds.TarWriter(self._buffer, mtime=int(time.time()))
         self._count = 0
 
     def _close(self) -> None:
