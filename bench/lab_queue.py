@@ -156,7 +156,7 @@ def extra_start_s(repeats: int = 3) -> tuple[float, float, float]:
         state = cluster.up(spec)
         proc = None
         try:
-            proc, url = start_service(tmp, state.dashboard_url, {"LABTRAIN_QUEUE_CYCLE_S": "0.05"})
+            proc, url = start_service(tmp, state.dashboard_url)  # the default cycle (0.5 s); a submit wakes the dispatcher
             ray = JobSubmissionClient(state.dashboard_url)
             config = str(REPO / "tests/queue/sleep.yaml")
             overrides = [f"marker_dir={tmp}", f"run.storage_path={tmp}/storage", "steps=1", "step_s=0.1"]

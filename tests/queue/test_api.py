@@ -69,6 +69,15 @@ def test_every_endpoint_as_the_wrong_user_is_refused(server):
     for method, path, body in admin_only:
         assert bob.request(method, path, json=body).status_code == 403, path
         assert httpx.request(method, server.url + path, json=body).status_code == 401, path
+    public = {"/", "/healthz", "/metrics"}
+    paths = httpx.get(server.url + "/openapi.json").json()["paths"]
+    assert len(paths) >= 10
+    for path, operations in paths.items():  # every endpoint the spec lists, without a token
+        if path in public:
+            continue
+        for method in operations:
+            url = server.url + path.replace("{job_id}", jid).replace("{name}", "alice")
+            assert httpx.request(method.upper(), url, json={}).status_code == 401, (method, path)
     assert alice.get(f"/api/v1/jobs/{jid}").json()["state"] == "WAITING"  # bob's cancel did nothing
     # The owner and an admin may.
     admin = server.client("admin")
@@ -86,6 +95,9 @@ def test_admin_manages_users_and_quotas(server):
     users = {u["name"]: u for u in admin.get("/api/v1/users").json()}
     assert users["eve"]["quotas"] == {"cpus": 8, "gpus": None, "jobs": 2} and users["eve"]["share"] == 2.0
     assert "token" not in users["eve"] and "token_hash" not in users["eve"]
+    r = admin.post("/api/v1/users", json={"name": "eve"})  # adding again would silently reset her quotas and token
+    assert r.status_code == 409 and "exists" in r.text
+    assert eve.get("/api/v1/whoami").status_code == 200
 
 
 def test_request_id_makes_a_retried_submit_return_the_same_job(server):

@@ -141,3 +141,34 @@ def test_two_users_interleave_by_fair_share_over_cycles():
         started.append(job.id)
         u[job.user].usage += 40.0 + step  # 4 CPUs x 10 s (the step makes later work slightly costlier, breaking ties)
     assert started == ["a0", "b0", "a1", "b1", "a2", "b2"]
+
+
+def test_a_job_started_this_cycle_counts_when_placing_the_head():
+    """4 CPUs: A (2 CPUs, 100 s) starts now, the head H needs all 4 and starts when A ends; B (2 CPUs, for
+    ever) fits beside A now but would hold 2 CPUs past t=100 and delay H: it must not backfill."""
+    u = users(("a", "g", 1.0, 0.0), ("b", "g", 1.0, 0.0))
+    jobs = [waiting("A", "a", cpus=2, at=0, limit=100), waiting("H", "a", cpus=4, at=1), waiting("B", "b", cpus=2, at=2, limit=1e6)]
+    p = plan(capacity=(4, 0, math.inf), users=u, groups={}, running=[], waiting=jobs, now=0.0)
+    assert p.admit == ["A"] and p.head == "H" and p.shadow_s == 100
+
+
+def test_nothing_backfills_into_what_a_stopping_job_frees_for_the_head():
+    """L is being preempted for H; the 1 free CPU beside it is not for a 60 s job, since H starts the moment L stops."""
+    u = users(("a", "g", 1.0, 0.0), ("b", "g", 1.0, 0.0))
+    run = [running("L", "a", cpus=3, started=0, limit=1e6, priority=LOW, stopping=True)]
+    jobs = [waiting("H", "b", cpus=4, at=0, priority=HIGH), waiting("S", "a", cpus=1, at=1, limit=60, priority=LOW)]
+    p = plan(capacity=(4, 0, math.inf), users=u, groups={}, running=run, waiting=jobs, now=10.0)
+    assert p.head == "H" and p.shadow_s == 10.0 and p.admit == []
+
+
+def test_preemption_stops_only_jobs_holding_what_the_head_lacks():
+    u = users(("a", "g", 1.0, 0.0), ("b", "g", 1.0, 0.0))
+    # 8 CPUs, 2 GPUs: a newer CPU-only low job and an older GPU low job. The head lacks a GPU, not CPUs.
+    run = [running("gpu-old", "a", cpus=2, gpus=2, started=0, priority=LOW), running("cpu-new", "a", cpus=4, started=50, priority=LOW)]
+    p = plan(capacity=(8, 2, math.inf), users=u, groups={}, running=run, waiting=[waiting("urgent", "b", cpus=1, gpus=1, priority=HIGH, at=60)], now=60.0)
+    assert p.preempt == ["gpu-old"]
+    # 6 CPUs: low jobs of 1, 2 and 3 CPUs, newest first; the head needs 3. Greedy by "newest first" takes
+    # c1, then c2 (3 CPUs): enough. Then c1 is dropped if c2 alone would do: it would not (2 + 0 free).
+    run = [running("c1", "a", cpus=1, started=30, priority=LOW), running("c2", "a", cpus=3, started=20, priority=LOW), running("c3", "a", cpus=2, started=10, priority=LOW)]
+    p = plan(capacity=(6, 0, math.inf), users=u, groups={}, running=run, waiting=[waiting("urgent", "b", cpus=3, priority=HIGH, at=60)], now=60.0)
+    assert p.preempt == ["c2"]  # c1 was taken first, but c2 alone frees the 3 CPUs

@@ -52,11 +52,12 @@ def test_gang_waits_while_short_jobs_backfill(make_server, ray_cluster):
     first = submit(alice, {**server.sleep_spec("g-first", workers=2, steps=12, step_s=0.5), "time_limit_s": 60})
     wait_for(lambda: job_state(alice, first)["state"] == "RUNNING", 30, what="the first job to run")
     gang = submit(alice, {**server.sleep_spec("g-gang", workers=4), "time_limit_s": 60})  # needs all 4 CPUs: waits for `first`
-    short = submit(bob, {**server.sleep_spec("g-short", workers=2), "time_limit_s": 20})  # ends before `first` may end: backfills
-    # alice's, so behind her gang in the order (bob's would go first by fair share once `first` charged alice).
+    # Both alice's, so behind her gang in the order: starting before the gang can only be backfill (bob's
+    # would go ahead of the gang by fair share once `first` charged alice).
+    short = submit(alice, {**server.sleep_spec("g-short", workers=2), "time_limit_s": 20})  # ends before `first` may end: backfills
     long = submit(alice, {**server.sleep_spec("g-long", workers=2), "time_limit_s": 3600})  # could delay the gang: waits
     jobs = wait_states(admin, [first, gang, short, long], timeout_s=120)
-    assert jobs[short]["started_at"] < jobs[first]["ended_at"], "the short job did not backfill"
+    assert jobs[short]["started_at"] < min(jobs[first]["ended_at"], jobs[gang]["started_at"]), "the short job did not backfill"
     assert jobs[gang]["started_at"] >= jobs[first]["ended_at"]
     assert jobs[gang]["started_at"] >= jobs[short]["ended_at"]
     assert jobs[long]["started_at"] >= jobs[gang]["started_at"], "the long job jumped ahead of the gang"

@@ -10,10 +10,10 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from labtrain.queue import store as st
 from labtrain.queue.dispatcher import Dispatcher, RayJobs
@@ -57,7 +57,7 @@ def _refuse(field: str, message: str, value: Any = None) -> HTTPException:
 
 class QuotaUpdate(BaseModel):
     quotas: Quota
-    share: float | None = None
+    share: float | None = Field(None, gt=0, le=1e6)
 
 
 def create_app(settings: Settings, *, run_dispatcher: bool = True) -> FastAPI:
@@ -72,6 +72,7 @@ def create_app(settings: Settings, *, run_dispatcher: bool = True) -> FastAPI:
             thread.start()
         yield
         stop.set()
+        service.dispatcher.poke()
         if thread is not None:
             thread.join(30)
 
@@ -124,20 +125,24 @@ def create_app(settings: Settings, *, run_dispatcher: bool = True) -> FastAPI:
         cap = service.dispatcher.capacity(time.time())
         if cap is not None and (res.cpus > cap[0] or res.gpus > cap[1]):
             raise _refuse("resources", f"the gang needs {res.cpus:g} CPUs and {res.gpus:g} GPUs; the whole cluster has {cap[0]:g} CPUs and {cap[1]:g} GPUs")
+        node = service.dispatcher.ray.largest_node if service.dispatcher.ray is not None else None
+        if node is not None and (res.cpus_per_worker > node[0] + 1e-9 or res.gpus_per_worker > node[1] + 1e-9):
+            raise _refuse("resources", f"one worker needs {res.cpus_per_worker:g} CPUs and {res.gpus_per_worker:g} GPUs; the largest node has {node[0]:g} CPUs and {node[1]:g} GPUs, so it could never be placed")
         for what, need, limit in (("cpus", res.cpus, me["quota_cpus"]), ("gpus", res.gpus, me["quota_gpus"])):
             if limit is not None and need > limit:
                 raise _refuse("resources", f"the gang needs {need:g} {what.upper()}; your quota is {limit:g}, so it could never start")
         limit_s = spec.time_limit_s or settings.default_time_limit_s
         row, _created = service.store.submit(me["name"], spec, time_limit_s=limit_s)
+        service.dispatcher.poke()
         return _public(row)
 
     @app.get("/api/v1/jobs")
-    def list_jobs(all: bool = False, state: str | None = None, limit: int = 500, me: dict = Depends(user)) -> JSONResponse:
+    def list_jobs(all: bool = False, state: str | None = None, limit: int = Query(500, ge=1, le=10_000), me: dict = Depends(user)) -> JSONResponse:
         """Your jobs, newest first (an admin's ``all=true``: everyone's); ``state=WAITING,RUNNING`` filters."""
         states = state.upper().split(",") if state else None
         owner = None if (all and me["admin"]) else me["name"]
         # A plain JSONResponse: the rows are JSON already, and response-model validation would double the time.
-        return JSONResponse([_public(r) for r in service.store.jobs(user=owner, states=states, limit=min(limit, 10_000))])
+        return JSONResponse([_public(r) for r in service.store.jobs(user=owner, states=states, limit=limit)])
 
     @app.get("/api/v1/jobs/{job_id}")
     def show(job_id: str, me: dict = Depends(user)) -> dict:
@@ -165,6 +170,8 @@ def create_app(settings: Settings, *, run_dispatcher: bool = True) -> FastAPI:
 
     @app.post("/api/v1/users", status_code=201)
     def add_user(entry: UserEntry, me: dict = Depends(admin)) -> dict:
+        if any(u["name"] == entry.name for u in service.store.users()):
+            raise HTTPException(409, f"user {entry.name} exists; change their quota or share with PUT /api/v1/users/{entry.name}/quota")
         token = entry.token or st.new_token()
         service.store.upsert_user(entry, token=token)
         return {"name": entry.name, "token": token}

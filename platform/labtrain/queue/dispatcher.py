@@ -30,6 +30,7 @@ class RayJobs:
     def __init__(self, address: str):
         self.address = address
         self._client = None
+        self.largest_node: tuple[float, float] | None = None  # (CPUs, GPUs) of the biggest alive node
 
     @property
     def client(self):
@@ -44,7 +45,9 @@ class RayJobs:
         try:
             info = self.client.get_job_info(sid)
         except RuntimeError as error:
-            if "404" in str(error) or "does not exist" in str(error).lower() or "not found" in str(error).lower():
+            # Only Ray's own 404 means "no such job"; any other failure must not look like one, or a job
+            # still running would be queued and started again.
+            if "status code 404" in str(error):
                 return None
             raise
         return str(info.status.value if hasattr(info.status, "value") else info.status), info.message or ""
@@ -67,11 +70,14 @@ class RayJobs:
         from ray.util.state import list_nodes
 
         cpus = gpus = memory = 0.0
+        largest = (0.0, 0.0)
         for node in list_nodes(address=self.address, filters=[("state", "=", "ALIVE")], detail=True, raise_on_missing_output=False):
             total = node.resources_total or {}
             cpus += total.get("CPU", 0.0)
             gpus += total.get("GPU", 0.0)
             memory += total.get("memory", 0.0)
+            largest = (max(largest[0], total.get("CPU", 0.0)), max(largest[1], total.get("GPU", 0.0)))
+        self.largest_node = largest
         return cpus, gpus, memory
 
 
@@ -93,14 +99,23 @@ class Dispatcher:
         self.store, self.settings, self.metrics, self.ray = store, settings, metrics, ray
         self._capacity: tuple[float, float, float] | None = tuple(
             settings.capacity.get(k, 0.0) for k in ("CPU", "GPU", "memory")) if settings.capacity else None
-        self._capacity_at = 0.0
+        self._capacity_at = -float("inf")
         self.last_plan = None
+        self._missing: dict[str, int] = {}  # submission id -> consecutive cycles Ray said it has no such job
+        self._wake = threading.Event()
 
-    def capacity(self, now: float) -> tuple[float, float, float] | None:
-        if self.settings.capacity is None and self.ray is not None and now - self._capacity_at > 5.0:
+    def poke(self) -> None:
+        """Run the next cycle now (a job was submitted), not at the end of the current wait."""
+        self._wake.set()
+
+    def capacity(self, now: float, *, refresh: bool = False) -> tuple[float, float, float] | None:
+        """The cluster's (CPUs, GPUs, memory). Only the dispatcher's cycle asks Ray (``refresh``, at most every
+        5 s); requests read the last known figure, so an API call never waits on Ray."""
+        if refresh and self.settings.capacity is None and self.ray is not None and now - self._capacity_at > 5.0:
+            self._capacity_at = now  # a failure is retried in 5 s too, not on every cycle
             try:
-                self._capacity, self._capacity_at = self.ray.capacity(), now
-            except Exception as error:  # keep the last known capacity; the next cycle tries again
+                self._capacity = self.ray.capacity()
+            except Exception as error:  # keep the last known capacity
                 log.warning("cannot read the Ray cluster's resources: %s", error)
         cap = self._capacity
         if cap is not None and not any(cap[2:]):  # no memory figure: do not let memory requests block
@@ -121,7 +136,7 @@ class Dispatcher:
         self.store.charge_running(now, half_life_s=s.half_life_s, gpu_weight=s.gpu_weight)
         users, groups, running, waiting = self.store.snapshot(now, s.half_life_s)
         self.metrics.observe_state(users, running, waiting)
-        capacity = self.capacity(now)
+        capacity = self.capacity(now, refresh=True)
         if capacity is None or self.ray is None:
             return
         result = plan(capacity=capacity, users=users, groups=groups, running=running, waiting=waiting, now=now, preemption=s.preemption)
@@ -141,6 +156,9 @@ class Dispatcher:
         """DISPATCHING -> RUNNING, submitting to Ray only if the submission id is not there yet."""
         sid = row["submission_id"]
         if self.ray.status(sid) is None:
+            current = self.store.job(row["id"])
+            if current is None or current["state"] != st.DISPATCHING:
+                return  # cancelled since it was admitted: never start it
             self.ray.submit(sid, entrypoint(row, self.settings.job_cwd), {"labtrain_queue_job": row["id"], "user": row["user"]})
         self.store.transition(row["id"], [st.DISPATCHING], st.RUNNING)
 
@@ -152,9 +170,14 @@ class Dispatcher:
         found = self.ray.status(sid)
         end = dict(now=now, half_life_s=self.settings.half_life_s, gpu_weight=self.settings.gpu_weight)
         if found is None:  # Ray forgot it (the cluster restarted): run it again from its checkpoint
+            self._missing[sid] = self._missing.get(sid, 0) + 1
+            if self._missing[sid] < 2:
+                return  # said twice in a row before the job is requeued
+            del self._missing[sid]
             final = {st.RUNNING: st.WAITING, st.PREEMPTING: st.WAITING, st.CANCELLING: st.CANCELLED}[state]
             self.store.end_holding(row["id"], [state], final, message=f"Ray has no job {sid}", **end)
             return
+        self._missing.pop(sid, None)
         status, message = found
         if state == st.RUNNING:
             if status in RAY_TERMINAL:
@@ -184,4 +207,5 @@ class Dispatcher:
             except Exception:
                 self.metrics.dispatch_errors.inc()
                 log.exception("scheduling cycle failed")
-            stop.wait(max(self.settings.cycle_s - (time.monotonic() - started), 0.0))
+            self._wake.wait(max(self.settings.cycle_s - (time.monotonic() - started), 0.0))
+            self._wake.clear()

@@ -117,27 +117,43 @@ class _Vec:
         return _Vec(self.cpus, self.gpus, self.memory)
 
 
-def _shadow(head: Waiting, free: _Vec, running: list[Running]) -> tuple[float, _Vec]:
-    """When running jobs' time limits free enough for ``head``, and what is left over for it then."""
+def _shadow(head: Waiting, free: _Vec, running: list[Running], now: float) -> tuple[float, _Vec]:
+    """When running jobs free enough for ``head`` (each by its time limit; a job being stopped counts as
+    ending now), and what is left over for it then. ``running`` includes the jobs started this cycle."""
     avail = free.copy()
-    for job in sorted(running, key=lambda r: r.end_s):
+    for job in sorted(running, key=lambda r: now if r.stopping else r.end_s):
         avail.add(job)
         if avail.fits(head):
             avail.add(head, -1.0)
-            return job.end_s, avail
+            return (now if job.stopping else job.end_s), avail
     return math.inf, avail  # only reached when a running job's resources are not in the capacity
+
+
+def _short_of(head: Waiting, avail: _Vec) -> tuple[bool, bool, bool]:
+    return (head.cpus > avail.cpus + EPS, head.gpus > avail.gpus + EPS, head.memory > avail.memory + EPS)
 
 
 def _choose_victims(head: Waiting, free: _Vec, running: list[Running]) -> list[str]:
     """Lower-priority running jobs whose stop frees the head's gang: lowest priority first, then the most
-    recently started (least work lost). Empty when even all of them would not be enough."""
-    candidates = sorted((r for r in running if r.priority < head.priority and not r.stopping), key=lambda r: (r.priority, -r.started_at))
+    recently started (least work lost), only jobs holding what the head is short of, and none that the
+    others make unnecessary. Empty when even all of them would not be enough."""
+    short = _short_of(head, free)
+    candidates = sorted(
+        (r for r in running if r.priority < head.priority and not r.stopping and any(s and held > EPS for s, held in zip(short, (r.cpus, r.gpus, r.memory)))),
+        key=lambda r: (r.priority, -r.started_at),
+    )
     avail, victims = free.copy(), []
     for job in candidates:
-        victims.append(job.id)
+        victims.append(job)
         avail.add(job)
         if avail.fits(head):
-            return victims
+            for victim in list(victims):  # drop the ones the others make unnecessary, most valuable first
+                avail.add(victim, -1.0)
+                if avail.fits(head):
+                    victims.remove(victim)
+                else:
+                    avail.add(victim)
+            return [v.id for v in victims]
     return []
 
 
@@ -185,6 +201,7 @@ def plan(
 
     result = Plan()
     extra: _Vec | None = None
+    started: list[Running] = []  # jobs admitted this cycle: they hold resources until their time limit too
     for job in order(waiting, fair_share_factors(users)):
         user = users.get(job.user)
         if user is None or not total.fits(job):
@@ -196,9 +213,10 @@ def plan(
             if fits:
                 take(job)
                 result.admit.append(job.id)
+                started.append(Running(job.id, job.user, job.priority, now, job.cpus, job.gpus, job.memory, job.time_limit_s))
                 continue
             result.head = job.id
-            result.shadow_s, extra = _shadow(job, free, running)
+            result.shadow_s, extra = _shadow(job, free, running + started, now)
             if preemption and not any(r.stopping for r in running):
                 result.preempt = _choose_victims(job, free, running)
                 if result.preempt:
@@ -206,7 +224,7 @@ def plan(
             continue
         if free.cpus <= EPS and free.gpus <= EPS:
             break  # nothing more can fit this cycle
-        if not fits:
+        if not fits or math.isinf(result.shadow_s):
             continue
         ends_before_head = now + job.time_limit_s <= result.shadow_s
         if ends_before_head or extra.fits(job):

@@ -19,9 +19,10 @@ DEFAULT_JOB_PATTERN = r"^jobs\.[a-z_][a-z0-9_]*$"
 class Quota(Config):
     """Limits on what one user or group holds at once; None means no limit."""
 
-    gpus: float | None = Field(None, ge=0, description="GPUs held by running jobs at once.")
-    cpus: float | None = Field(None, ge=0, description="CPUs held by running jobs at once.")
-    jobs: int | None = Field(None, ge=0, description="Jobs running at once.")
+    # Bounded so every value fits the store's columns (SQLite and PostgreSQL integers are 64-bit).
+    gpus: float | None = Field(None, ge=0, le=1e9, description="GPUs held by running jobs at once.")
+    cpus: float | None = Field(None, ge=0, le=1e9, description="CPUs held by running jobs at once.")
+    jobs: int | None = Field(None, ge=0, le=1_000_000, description="Jobs running at once.")
 
 
 class Resources(Config):
@@ -76,7 +77,7 @@ class UserEntry(Config):
 
     name: str = Field(pattern=r"^[a-z_][a-z0-9_.-]{0,63}$", description="Login name.")
     group: str = Field("default", pattern=r"^[a-z_][a-z0-9_.-]{0,63}$", description="Group (lab team) for group quotas.")
-    share: float = Field(1.0, gt=0, description="Fair-share weight.")
+    share: float = Field(1.0, gt=0, le=1e6, description="Fair-share weight.")
     quotas: Quota = Field(default_factory=Quota, description="Per-user limits.")
     token: str | None = Field(None, min_length=16, description="Bearer token; stored hashed. None: keep the stored one.")
     admin: bool = Field(False, description="Sees and changes every job, manages users.")
