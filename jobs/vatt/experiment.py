@@ -31,6 +31,7 @@ from labtrain.config import load_config
 from labtrain.train import run
 
 console = Console()
+METRICS = ("conflict_auroc", "conflict_auroc_last_epoch", "retrieval_r1", "retrieval_r10", "retrieval_class_r1", "linear_probe_accuracy")
 SETTINGS = {"plain": {"realign": False, "curriculum": "none"}, "harmonized": {"realign": True, "curriculum": "hard"}}
 
 
@@ -54,7 +55,7 @@ def one_run(cfg: VattConfig, setting: str) -> dict:
     result = run(train, cfg, cfg.run, kind="vatt")
     if result.error is not None:
         raise RuntimeError(f"run {name} failed: {result.error}")
-    keys = ("conflict_auroc", "retrieval_r1", "retrieval_r5", "retrieval_r10", "linear_probe_accuracy", "ceiling_r1")
+    keys = ("conflict_auroc", "conflict_auroc_last_epoch", "retrieval_r1", "retrieval_r5", "retrieval_r10", "retrieval_class_r1", "linear_probe_accuracy", "ceiling_r1")
     return {"seed": cfg.synthetic.seed, "misaligned": cfg.synthetic.misaligned, "setting": setting, **{k: result.metrics[k] for k in keys}}
 
 
@@ -65,7 +66,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     out = []
     for (misaligned, setting), members in sorted(groups.items()):
         entry = {"misaligned": misaligned, "setting": setting, "seeds": len(members)}
-        for key in ("conflict_auroc", "retrieval_r1", "retrieval_r10", "linear_probe_accuracy"):
+        for key in METRICS:
             values = [m[key] for m in members if not math.isnan(m[key])]
             entry[key] = statistics.mean(values) if values else float("nan")
             entry[key + "_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -109,10 +110,10 @@ def main(argv: list[str] | None = None) -> int:
             rows += [one_run(cfg, setting) for setting in SETTINGS]
     summary = summarize(rows)
     table = Table(title="VATT harmonization experiment (mean ± sd over seeds)")
-    for col in ("misaligned", "setting", "seeds", "conflict AUROC", "R@1", "R@10", "probe acc"):
+    for col in ("misaligned", "setting", "seeds", "conflict AUROC", "(last epoch)", "R@1", "R@10", "class R@1", "probe acc"):
         table.add_column(col)
     for s in summary:
-        table.add_row(f"{s['misaligned']:.0%}", s["setting"], str(s["seeds"]), *(f"{s[k]:.3f} ± {s[k + '_sd']:.3f}" for k in ("conflict_auroc", "retrieval_r1", "retrieval_r10", "linear_probe_accuracy")))
+        table.add_row(f"{s['misaligned']:.0%}", s["setting"], str(s["seeds"]), *(f"{s[k]:.3f} ± {s[k + '_sd']:.3f}" for k in METRICS))
     console.print(table)
     with open(os.path.join(root, "experiment.json"), "w") as f:
         json.dump(jsonable({"runs": rows, "summary": summary, "config": base.model_dump(mode="json")}), f, indent=1, allow_nan=False)

@@ -41,7 +41,7 @@ def train(session: Session, cfg: VattConfig) -> None:
     restored = session.restore(data)
     step = restored.step
     history: list[dict] = restored.extra.get("history", [])
-    scores: list[list[float]] = restored.extra.get("scores", [])  # [epoch, conflict score, misaligned] per sample
+    scores: list[list] = restored.extra.get("scores", [])  # [epoch, key, conflict score, misaligned] per measurement
     if session.rank == 0:
         log.info("VATT: %d steps on %d workers (%s), harmonize %s, from step %d", total_steps, session.world_size, cfg.run.strategy, cfg.harmonize.model_dump(), step)
 
@@ -54,7 +54,7 @@ def train(session: Session, cfg: VattConfig) -> None:
             value = session.step(loss, num_samples=len(batch["label"]))
             step += 1
             if stats.cos is not None:
-                scores += [[data.epoch, c, m] for c, m in zip(stats.cos.tolist(), batch["misaligned"].tolist())]
+                scores += [[data.epoch, k, c, m] for k, c, m in zip(batch["__key__"], stats.cos.tolist(), batch["misaligned"].tolist())]
             if step % cfg.log_every == 0:
                 point = {"step": step, "loss": value, "loss_va": stats.loss_va, "loss_vt": stats.loss_vt, "conflict_rate": stats.conflict_rate, "mean_cos": stats.mean_cos, "kept": stats.kept}
                 history.append(point)
