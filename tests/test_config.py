@@ -68,6 +68,13 @@ def test_malformed_override_and_missing_file(tmp_path):
         load_config(DataConfig, write(tmp_path, "data: [unclosed\n"))
 
 
+def test_an_override_that_is_not_yaml_is_a_string_and_the_field_decides():
+    assert parse_overrides(["urls={000000..000009}.tar"]) == {"urls": "{000000..000009}.tar"}
+    assert load_config(DataConfig, None, ["urls={000000..000009}.tar"]).urls == "{000000..000009}.tar"
+    with pytest.raises(ConfigError, match=r"batch_size: value '\[1, 2' is not allowed"):
+        load_config(DataConfig, None, ["urls=x.tar", "batch_size=[1, 2"])
+
+
 def test_job_cli_refuses_bad_config_and_starts_nothing(tmp_path):
     """python -m jobs.shapes with a bad override: exit 2, one clear message, no data written, no Ray."""
     env = {"PATH": "/usr/bin:/bin", "LABTRAIN_STORAGE_ROOT": str(tmp_path), "PYTHONPATH": str(REPO)}
@@ -80,3 +87,19 @@ def test_job_cli_refuses_bad_config_and_starts_nothing(tmp_path):
     assert "epochs: value 'zero' is not allowed" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert list(tmp_path.iterdir()) == [], "a refused config must not write anything"
+
+
+def test_job_cli_refuses_data_its_workers_could_not_use_before_ray_starts(tmp_path):
+    """Shards written, but a batch larger than a worker's share: exit 2 from the driver, no Ray cluster started."""
+    from labtrain.data import write_shards
+    from tests.data.conftest import make_samples
+
+    pattern = write_shards(make_samples(16), str(tmp_path / "shards"), max_samples=8, progress=False)
+    env = {"PATH": "/usr/bin:/bin", "LABTRAIN_STORAGE_ROOT": str(tmp_path), "PYTHONPATH": str(REPO), "RAY_ADDRESS": "127.0.0.1:1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.shapes", "--config", str(REPO / "jobs/shapes/configs/demo.yaml"), f"data.urls={pattern}", "data.batch_size=16", "run.num_workers=2"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "each of the 2 workers gets 8 samples per epoch, fewer than data.batch_size=16" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -14,18 +14,23 @@ from rich.console import Console
 console = Console(stderr=True)
 
 
-def _files_as_samples(src: Path):
-    """Files named ``<key>.<ext>`` under ``src`` -> webdataset samples (the key may contain folders)."""
-    groups: dict[str, dict] = defaultdict(dict)
+def _group_files(src: Path) -> dict[str, dict[str, Path]]:
+    """Files named ``<key>.<ext>`` under ``src`` -> {key: {ext: path}} (the key may contain folders)."""
+    groups: dict[str, dict[str, Path]] = defaultdict(dict)
     for path in sorted(p for p in src.rglob("*") if p.is_file()):
         rel = path.relative_to(src).as_posix()
         base = rel.rsplit("/", 1)[-1]
         if "." not in base:
             raise SystemExit(f"error: {path} has no extension; files must be named <key>.<ext> (e.g. 000123.jpg, 000123.cls)")
         key, ext = rel[: len(rel) - len(base)] + base.split(".", 1)[0], base.split(".", 1)[1]
-        groups[key][ext] = path.read_bytes()
+        groups[key][ext] = path
+    return groups
+
+
+def _files_as_samples(groups: dict[str, dict[str, Path]]):
+    """One sample at a time: the bytes of a sample's files are read only when it is written."""
     for key, files in groups.items():
-        yield {"__key__": key, **files}
+        yield {"__key__": key, **{ext: path.read_bytes() for ext, path in files.items()}}
 
 
 def cmd_shards_write(args) -> int:
@@ -34,8 +39,8 @@ def cmd_shards_write(args) -> int:
     src = Path(args.src)
     if not src.is_dir():
         raise SystemExit(f"error: {src} is not a directory of <key>.<ext> files")
-    samples = list(_files_as_samples(src))
-    pattern = write_shards(samples, args.out, total=len(samples), prefix=args.prefix, target_bytes=args.target_bytes, max_samples=args.max_samples)
+    groups = _group_files(src)
+    pattern = write_shards(_files_as_samples(groups), args.out, total=len(groups), prefix=args.prefix, target_bytes=args.target_bytes, max_samples=args.max_samples)
     print(pattern)
     return 0
 
@@ -90,7 +95,7 @@ def cmd_cluster_status(args) -> int:
     if state is None:
         print("no local cluster")
         return 1
-    alive = [pid for pid in state.pids if cluster._alive(pid)]
+    alive = [pid for pid in state.pids if cluster._ours(state, pid)]
     queue = f"; queue {state.queue_url}" if state.queue_url else ""
     print(f"{state.address}: {len(alive)}/{len(state.pids)} processes alive; dashboard {state.dashboard_url}; metrics ports {state.metrics_ports}{queue}")
     return 0 if len(alive) == len(state.pids) else 1

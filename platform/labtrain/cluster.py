@@ -48,6 +48,7 @@ class ClusterSpec:
 class ClusterState:
     spec: ClusterSpec
     pids: list[int] = field(default_factory=list)
+    start_times: dict[str, float] = field(default_factory=dict)  # pid -> its process's start time, so a reused pid is not ours
     metrics_ports: list[int] = field(default_factory=list)
     queue_url: str | None = None
 
@@ -69,10 +70,13 @@ def load_state(state_dir: str) -> ClusterState | None:
     if not path.exists():
         return None
     raw = json.loads(path.read_text())
-    return ClusterState(spec=ClusterSpec(**raw["spec"]), pids=raw["pids"], metrics_ports=raw["metrics_ports"], queue_url=raw.get("queue_url"))
+    return ClusterState(spec=ClusterSpec(**raw["spec"]), pids=raw["pids"], start_times=raw.get("start_times", {}), metrics_ports=raw["metrics_ports"], queue_url=raw.get("queue_url"))
 
 
 def _save_state(state: ClusterState) -> None:
+    for pid in state.pids:
+        if str(pid) not in state.start_times and (started := _start_time(pid)) is not None:
+            state.start_times[str(pid)] = started
     _state_file(state.spec.state_dir).write_text(json.dumps(asdict(state), indent=1))
 
 
@@ -151,7 +155,7 @@ def up(spec: ClusterSpec | None = None, *, timeout_s: float = 120) -> ClusterSta
     """Start the nodes and exporters; fails if this state dir already has a running cluster."""
     spec = spec or ClusterSpec()
     existing = load_state(spec.state_dir)
-    if existing is not None and any(_alive(pid) for pid in existing.pids):
+    if existing is not None and any(_ours(existing, pid) for pid in existing.pids):
         raise RuntimeError(f"a local cluster from {spec.state_dir} is already running at {existing.address}; run `labtrain cluster down` first")
     os.makedirs(spec.state_dir, exist_ok=True)
     state = ClusterState(spec=spec)
@@ -229,12 +233,24 @@ def _start_queue(spec: ClusterSpec, state: ClusterState, timeout_s: float) -> No
     _save_state(state)
 
 
-def _alive(pid: int) -> bool:
+def _start_time(pid: int) -> float | None:
+    import psutil
+
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def _ours(state: ClusterState, pid: int) -> bool:
+    """A process group ``up`` started that is still there. Its leader must be the very process ``up``
+    started (after a reboot the pid may belong to another program); a leader that is gone leaves a group
+    whose id no new process can take while a member lives."""
+    started = _start_time(pid)
+    if started is None:
+        return _group_alive(pid)
+    recorded = state.start_times.get(str(pid))
+    return recorded is None or abs(recorded - started) < 1e-3
 
 
 def down(state_dir: str = ClusterSpec.state_dir, *, timeout_s: float = 5) -> list[int]:
@@ -244,7 +260,7 @@ def down(state_dir: str = ClusterSpec.state_dir, *, timeout_s: float = 5) -> lis
         return []
     stopped = []
     for pid in reversed(state.pids):
-        if not _alive(pid):
+        if not _ours(state, pid):
             continue
         for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 10)):
             if not _group_alive(pid):

@@ -82,7 +82,7 @@ class RunConfig(Config):
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """Turn ``["a.b=1", "c=[1, 2]"]`` into a nested dict; values are parsed as YAML scalars/lists."""
+    """Turn ``["a.b=1", "c=[1, 2]"]`` into a nested dict; values are parsed as YAML scalars/lists (see _parse_value)."""
     tree: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
@@ -95,8 +95,19 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             if not isinstance(child, dict):
                 raise ConfigError(f"override {item!r}: {part!r} was already set to a value, not a section")
             node = child
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+        node[leaf] = _parse_value(raw)
     return tree
+
+
+def _parse_value(raw: str) -> Any:
+    """A YAML scalar or list; text that is not valid YAML (a brace pattern such as ``{000..009}.tar``)
+    is taken as the string it is, and the field's type decides whether that is allowed."""
+    if not raw.strip():
+        return None
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

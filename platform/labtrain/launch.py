@@ -50,6 +50,24 @@ def local_shards_missing(urls: str) -> bool:
     return not any(os.path.exists(u) for u in expand_urls(urls))
 
 
+def check_data(cfg: Config, run_cfg: RunConfig) -> None:
+    """Refuse, before any Ray worker starts, data the workers could not use: shards without an index, or
+    too few samples per rank for one batch (inside a run these would fail and be restarted in vain)."""
+    from labtrain.data import s3
+    from labtrain.data.index import load_shards
+    from labtrain.data.stages import DataError
+
+    for name, value in cfg:
+        if not isinstance(value, DataConfig):
+            continue
+        s3.configure(value.s3)
+        shards = load_shards(value.urls, value.index)
+        ranks = max(run_cfg.num_workers, 1)
+        per_rank = sum(s.num_samples for s in shards) // ranks
+        if per_rank < value.batch_size:
+            raise DataError(f"{name}: each of the {ranks} workers gets {per_rank} samples per epoch, fewer than {name}.batch_size={value.batch_size}; lower it or use fewer workers")
+
+
 def job_main(
     cls: type[C],
     train_fn: Callable,
@@ -72,10 +90,17 @@ def job_main(
         return 2
     if prepare is not None:
         cfg = prepare(cfg)
+    run_cfg = next(value for _, value in cfg if isinstance(value, RunConfig))
+    from labtrain.data.stages import DataError
+
+    try:
+        check_data(cfg, run_cfg)
+    except (ValueError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
     from labtrain.train import run
 
-    run_cfg = next(value for _, value in cfg if isinstance(value, RunConfig))
     result = run(train_fn, cfg, run_cfg, kind=kind)
     if result.error is not None:
         print(f"error: the run failed: {result.error}", file=sys.stderr)

@@ -85,3 +85,38 @@ def test_a_missing_s3_shard_is_not_retried_but_skipped(s3_bucket):
     stream = DataStream(DataConfig(urls=pattern, batch_size=4, max_bad_shards=1, s3=cfg), rank=0, world_size=1)
     assert len(list(stream)) == 8
     assert stream.bad_shards == {f"s3://{bucket}/train/shard-000001.tar"}
+
+
+def test_a_connection_lost_mid_shard_reopens_it_and_loses_no_sample(s3_bucket, monkeypatch, caplog):
+    """The first read of a shard dies half-way through; the stream reopens it at the next sample."""
+    bucket, cfg = s3_bucket
+    pattern = write_s3_shards(bucket, cfg, count=32, per_shard=16)
+    fs = s3.filesystem()
+    real_open = fs.open
+    broken = {"left": 1}
+
+    def open_then_break(*args, **kwargs):
+        stream = real_open(*args, **kwargs)
+        if broken["left"] and str(args[0]).endswith(".tar"):
+            broken["left"] -= 1
+            real_read, budget = stream.read, {"bytes": stream.size // 2}
+
+            def read(n=-1):
+                if budget["bytes"] <= 0:
+                    raise ConnectionResetError("connection reset by peer")
+                data = real_read(n if n >= 0 else budget["bytes"])
+                budget["bytes"] -= len(data)
+                return data
+
+            stream.read = read
+        return stream
+
+    monkeypatch.setattr(fs, "open", open_then_break)
+    data = DataConfig(urls=pattern, batch_size=4, s3=cfg.model_copy(update={"backoff_s": 0.01}))
+    with caplog.at_level("WARNING"):
+        stream = DataStream(data, rank=0, world_size=1)
+        keys = [k for b in stream for k in b["__key__"]]
+    assert broken["left"] == 0
+    assert sorted(keys) == sorted(set(keys)) and len(keys) == 32  # every sample once
+    assert stream.bad_shards == set() and stream.skipped_samples == 0
+    assert any("reopening" in r.getMessage() for r in caplog.records)

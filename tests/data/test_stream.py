@@ -180,3 +180,31 @@ def test_a_shard_cut_between_two_files_of_one_sample_is_bad_not_a_partial_sample
     batches = list(stream)
     assert all(set(b) == {"__key__", "npy", "cls"} for b in batches)
     assert stream.bad_shards == {shard} and stream.skipped_samples == 32
+
+
+def test_a_worker_whose_whole_share_is_lost_fills_from_another_shard(tmp_path):
+    """8 ranks over 8 shards of 8, one shard missing: its rank still yields its batches (stand-ins from
+    another shard), counts the loss, and nothing fails while under max_bad_shards."""
+    from labtrain.data import write_shards
+    from tests.data.conftest import make_samples
+
+    pattern = write_shards(make_samples(64), str(tmp_path), max_samples=8, progress=False)
+    missing = load_shards(pattern)[3].url
+    os.remove(missing)
+    batches, skipped = [], 0
+    for rank in range(8):
+        stream = DataStream(DataConfig(urls=pattern, batch_size=4, max_bad_shards=1), rank=rank, world_size=8)
+        batches.append(len(list(stream)))
+        skipped += stream.skipped_samples
+    assert batches == [2] * 8 and skipped == 8
+
+
+def test_resume_refuses_state_saved_for_other_data(even_shards):
+    pattern, _ = even_shards
+    stream = DataStream(DataConfig(urls=pattern, batch_size=4), rank=0, world_size=1)
+    state = stream.state_dict()
+    with pytest.raises(ValueError, match="batch_size changed"):
+        DataStream(DataConfig(urls=pattern, batch_size=8), rank=0, world_size=1).load_state_dict(state)
+    with pytest.raises(ValueError, match="seed changed"):
+        DataStream(DataConfig(urls=pattern, batch_size=4, seed=1), rank=0, world_size=1).load_state_dict(state)
+    DataStream(DataConfig(urls=pattern, batch_size=4), rank=0, world_size=1).load_state_dict(state)  # the same data: fine

@@ -60,6 +60,9 @@ def test_strategy_trains_on_two_workers_and_resumes_its_own_checkpoint(ray_clust
         assert len(extra["keys"]) == 9 * 8 == len(set(extra["keys"]))
     all_keys = states[0]["extra"]["keys"] + states[1]["extra"]["keys"]
     assert len(set(all_keys)) == len(all_keys)  # the two ranks never share a sample
+    # Different samples, so different losses on each rank; the same weights only if gradients were averaged.
+    assert states[0]["extra"]["losses"] != states[1]["extra"]["losses"]
+    assert abs(states[0]["extra"]["param_sum"] - states[1]["extra"]["param_sum"]) < 1e-5
 
 
 @pytest.mark.parametrize("stage", [1, 3])

@@ -62,7 +62,8 @@ def filesystem(cfg: S3Config | None = None):
     return s3fs.S3FileSystem(**storage_options(cfg), default_block_size=8 * 2**20, use_listings_cache=False)
 
 
-def _is_transient(error: BaseException) -> bool:
+def is_transient(error: BaseException) -> bool:
+    """A network or throttling error worth retrying (a missing or forbidden object is not)."""
     if isinstance(error, (FileNotFoundError, PermissionError)):
         return False
     return isinstance(error, (OSError, ConnectionError, TimeoutError)) or "Throttl" in type(error).__name__
@@ -75,7 +76,7 @@ def with_retries(fn: Callable[[], T], *, what: str, cfg: S3Config | None = None)
         try:
             return fn()
         except Exception as error:  # noqa: BLE001 - re-raised below unless transient
-            if not _is_transient(error) or attempt == cfg.max_attempts - 1:
+            if not is_transient(error) or attempt == cfg.max_attempts - 1:
                 raise
             delay = cfg.backoff_s * 2**attempt
             log.warning("transient error on %s (attempt %d/%d), retrying in %.2fs: %s", what, attempt + 1, cfg.max_attempts, delay, error)

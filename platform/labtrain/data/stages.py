@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import tarfile
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -25,6 +26,7 @@ from webdataset import autodecode
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from labtrain.data.index import Shard
+from labtrain.data import s3
 from labtrain.data.s3 import open_url
 
 log = logging.getLogger(__name__)
@@ -125,25 +127,53 @@ def _read_shard(shard: Shard, skip: int, count: int) -> Iterator[Sample]:
 
 
 def read_positions(ranges: Ranges, *, plan: EpochPlan) -> Iterator[Sample]:
-    """Open, expand and group the tars behind ``ranges``. A shard that fails yields ``__lost__`` markers for
-    its remaining positions (and ``__bad_shard__`` once), so the stream keeps one sample per position."""
+    """Open, expand and group the tars behind ``ranges``. A transient error (a reset S3 connection, say)
+    reopens the shard after a backoff and carries on at the next sample; a shard that fails for good
+    yields ``__lost__`` markers for its remaining positions (and ``__bad_shard__`` once), so the stream
+    keeps one sample per position."""
+    retry = s3.current_config()
     for lo, hi in ranges:
         pos = lo
         while pos < hi:
             i, offset = plan.locate(pos)
             shard = plan.shards[i]
             count = min(hi - pos, shard.num_samples - offset)
-            done = 0
-            try:
-                for sample in _read_shard(shard, offset, count):
-                    sample["__pos__"] = pos + done
-                    yield sample
-                    done += 1
-            except (DataError, tarfile.TarError, OSError, EOFError, ValueError) as error:
-                log.warning("skipping unreadable shard %s after %d of %d samples: %s", shard.url, done, count, error)
-                yield {"__bad_shard__": shard.url, "__pos__": pos + done, "__lost__": True}
-                yield from ({"__pos__": p, "__lost__": True} for p in range(pos + done + 1, pos + count))
+            done = attempt = 0
+            while True:
+                try:
+                    for sample in _read_shard(shard, offset + done, count - done):
+                        sample["__pos__"] = pos + done
+                        yield sample
+                        done += 1
+                    break
+                except (DataError, tarfile.TarError, OSError, EOFError, ValueError) as error:
+                    if s3.is_transient(error) and attempt < retry.max_attempts - 1:
+                        delay = retry.backoff_s * 2**attempt
+                        log.warning("transient error reading shard %s after %d of %d samples, reopening in %.2fs: %s", shard.url, done, count, delay, error)
+                        time.sleep(delay)
+                        attempt += 1
+                        continue
+                    log.warning("skipping unreadable shard %s after %d of %d samples: %s", shard.url, done, count, error)
+                    yield {"__bad_shard__": shard.url, "__pos__": pos + done, "__lost__": True}
+                    yield from ({"__pos__": p, "__lost__": True} for p in range(pos + done + 1, pos + count))
+                    break
             pos += count
+
+
+def donor_sample(plan: EpochPlan, *, decoder: Callable[[Sample], Sample], transform: Callable[[Sample], Sample] | None) -> Sample | None:
+    """A good sample from anywhere in the epoch's shards: what fills a worker whose whole share was lost
+    (its positions stay lost and counted; only the stand-in comes from elsewhere). None if there is none."""
+    for shard in plan.shards:
+        try:
+            for raw in _read_shard(shard, 0, min(shard.num_samples, 8)):
+                try:
+                    out = decoder(raw)
+                    return transform(out) if transform else out
+                except Exception:  # noqa: BLE001 - try the next one
+                    continue
+        except (DataError, tarfile.TarError, OSError, EOFError, ValueError):
+            continue
+    return None
 
 
 def decode(samples: Iterable[Sample], *, decoder: Callable[[Sample], Sample]) -> Iterator[Sample]:
@@ -174,12 +204,23 @@ def map_samples(samples: Iterable[Sample], *, fn: Callable[[Sample], Sample]) ->
         yield out
 
 
-def fill_lost(samples: Iterable[Sample], *, ring_size: int = 16) -> Iterator[Sample]:
+def fill_lost(samples: Iterable[Sample], *, ring_size: int = 16, donor: Callable[[], Sample | None] | None = None) -> Iterator[Sample]:
     """Replace each lost position by a copy of a recent good sample, so batch counts stay equal on all
-    ranks. Yields ``__skipped__`` (lost count) and ``__bad_shards__`` on the filler."""
+    ranks. Yields ``__skipped__`` (lost count) and ``__bad_shards__`` on the filler. When nothing in this
+    worker's share was readable, ``donor()`` supplies the stand-in."""
     ring: deque[Sample] = deque(maxlen=ring_size)
     pending: list[Sample] = []
     bad_shards: list[str] = []
+
+    def fillers() -> Iterator[Sample]:
+        nonlocal bad_shards
+        while pending and ring:
+            marker = pending.pop(0)
+            filler = dict(ring[marker["__pos__"] % len(ring)])
+            filler.update(__pos__=marker["__pos__"], __filler__=True, __skipped__=1, __bad_shards__=bad_shards)
+            bad_shards = []
+            yield filler
+
     for sample in samples:
         if sample.get("__lost__"):
             if "__bad_shard__" in sample:
@@ -188,15 +229,15 @@ def fill_lost(samples: Iterable[Sample], *, ring_size: int = 16) -> Iterator[Sam
         else:
             ring.append(sample)
             yield sample
-        while pending and ring:
-            marker = pending.pop(0)
-            filler = dict(ring[marker["__pos__"] % len(ring)])
-            filler.update(__pos__=marker["__pos__"], __filler__=True, __skipped__=1, __bad_shards__=bad_shards)
-            bad_shards = []
-            yield filler
+        yield from fillers()
+    if pending and not ring and donor is not None:
+        stand_in = donor()
+        if stand_in is not None:
+            ring.append(stand_in)
+            yield from fillers()
     if pending:
         names = ", ".join(sorted(set(bad_shards))) or "(decoding failed for every sample)"
-        raise DataError(f"no readable sample in this worker's share ({len(pending)} positions lost); bad shards: {names}")
+        raise DataError(f"no readable sample in this worker's share or anywhere in the epoch's shards ({len(pending)} positions lost); bad shards: {names}")
 
 
 def shuffle(samples: Iterable[Sample], *, buffer_size: int, seed: str) -> Iterator[Sample]:

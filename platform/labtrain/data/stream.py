@@ -66,7 +66,7 @@ class ShardStream(IterableDataset):
             functools.partial(stages.read_positions, plan=self.plan),
             functools.partial(stages.decode, decoder=self.decoder),
             functools.partial(stages.map_samples, fn=self.transform) if self.transform else None,
-            stages.fill_lost,
+            functools.partial(stages.fill_lost, donor=functools.partial(stages.donor_sample, self.plan, decoder=self.decoder, transform=self.transform)),
             functools.partial(stages.shuffle, buffer_size=cfg.shuffle_buffer, seed=f"{cfg.seed}:{self.epoch}:{self.plan.rank_start}:{worker}:{sum(hi - lo for lo, hi in self.remaining)}"),
             functools.partial(stages.batch, batch_size=cfg.batch_size, collate=self.collate),
         ]
@@ -143,6 +143,10 @@ class DataStream:
             batch_size=None,
             num_workers=self.cfg.num_workers,
             persistent_workers=False,  # the worker split is recomputed from what remains each epoch
+            # A generator of its own: by default each new loader draws its seed from torch's global RNG,
+            # so a resumed run (which builds a loader where the first run did not) would train on other
+            # random numbers from then on.
+            generator=torch.Generator().manual_seed(hash((self.cfg.seed, self.epoch, self.rank)) % 2**63),
         )
         for item in loader:
             meta = item["__meta__"]
@@ -166,8 +170,13 @@ class DataStream:
                 "Fix or remove them (and rebuild the index), or raise data.max_bad_shards."
             )
 
+    def fingerprint(self) -> dict[str, Any]:
+        """What the positions mean: the same positions over other shards, seed or batch size are other samples."""
+        return {"seed": self.cfg.seed, "batch_size": self.cfg.batch_size, "shards": [[s.url.rsplit("/", 1)[-1], s.num_samples] for s in self.shards]}
+
     def state_dict(self) -> dict[str, Any]:
         return {
+            "fingerprint": self.fingerprint(),
             "epoch": self.epoch,
             "remaining": [list(r) for r in self.remaining],
             "rank": self.rank,
@@ -181,6 +190,13 @@ class DataStream:
             raise ValueError(
                 f"data state was saved with {state['world_size']} ranks but this run has {self.world_size}; "
                 "resume with the same number of workers (the epoch's split depends on it)"
+            )
+        saved = state.get("fingerprint")
+        if saved is not None and saved != self.fingerprint():
+            changed = [k for k in saved if saved[k] != self.fingerprint()[k]]
+            raise ValueError(
+                f"data state was saved for other data ({', '.join(changed)} changed): its positions would name "
+                "other samples. Resume with the same shards, index, data.seed and data.batch_size, or start a new run.name"
             )
         self.epoch = state["epoch"]
         self.remaining = [tuple(r) for r in state["remaining"]]
