@@ -104,7 +104,10 @@ class Evolution(Searcher):
                 continue
             population = [(i, s) for i, s in self.observed[-self.cfg.population :] if s is not None]
             if not population:
-                break  # wait for the initial population's results
+                if self.pending:
+                    break  # wait for the population's results
+                out += self._random_excluding(out)  # every recent trial failed: start again from a random one
+                continue
             picks = self.rng.choice(len(population), size=min(self.cfg.tournament, len(population)), replace=False)
             parent = max((population[k] for k in picks), key=lambda pair: pair[1])[0]
             child = self._mutate(parent, {p.index for p in out})

@@ -72,10 +72,10 @@ class Space:
         if self.size <= max_candidates:
             return np.array(list(itertools.product(*[range(n) for n in sizes])), dtype=np.int64).reshape(-1, len(sizes))
         rng = np.random.default_rng(seed)
-        pool: set[tuple[int, ...]] = set()
+        pool: dict[tuple[int, ...], None] = {}  # distinct, in the order drawn: a prefix is a uniform sample
         while len(pool) < max_candidates:
-            pool.update(map(tuple, rng.integers(0, sizes, size=(max_candidates, len(sizes)))))
-        return np.array(sorted(pool)[:max_candidates], dtype=np.int64)
+            pool.update(dict.fromkeys(map(tuple, rng.integers(0, sizes, size=(max_candidates, len(sizes))))))
+        return np.array(list(pool)[:max_candidates], dtype=np.int64)
 
     def neighbours(self, arch: tuple[int, ...]) -> list[tuple[int, ...]]:
         """Every architecture one decision away (the mutations of regularised evolution)."""

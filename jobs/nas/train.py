@@ -16,7 +16,14 @@ from jobs.nas.data import to_tensors
 from labtrain.data import DataStream
 
 
+def device() -> torch.device:
+    """The trial's GPU when Ray gave it one (trials.gpus_per_trial), else the CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
 def train_and_validate(net: nn.Module, cfg: TrainEvaluatorConfig) -> float:
+    dev = device()
+    net = net.to(dev)
     data = DataStream(cfg.train, transform=to_tensors, rank=0, world_size=1)
     total_steps = cfg.epochs * len(data)
     optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
@@ -24,7 +31,7 @@ def train_and_validate(net: nn.Module, cfg: TrainEvaluatorConfig) -> float:
     net.train()
     while data.epoch < cfg.epochs:
         for batch in data:
-            loss = F.cross_entropy(net(batch["x"]), batch["label"])
+            loss = F.cross_entropy(net(batch["x"].to(dev)), batch["label"].to(dev))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -36,8 +43,9 @@ def train_and_validate(net: nn.Module, cfg: TrainEvaluatorConfig) -> float:
 def validate(net: nn.Module, cfg: TrainEvaluatorConfig) -> float:
     """Accuracy (0..1) over one pass of the validation shards."""
     net.eval()
+    dev = next(net.parameters()).device
     correct = total = 0
     for batch in DataStream(cfg.val, transform=to_tensors, rank=0, world_size=1):
-        correct += int((net(batch["x"]).argmax(1) == batch["label"]).sum())
+        correct += int((net(batch["x"].to(dev)).argmax(1).cpu() == batch["label"]).sum())
         total += len(batch["label"])
     return correct / total

@@ -106,6 +106,14 @@ def test_evolution_children_are_one_mutation_from_a_population_member(table):
         s.observe(child, float(table.scores[child]))
 
 
+def test_evolution_goes_on_when_its_whole_population_failed(table):
+    s = searcher("evolution", table, 4)
+    for p in s.propose(10):
+        s.observe(p.index, None)  # every trial of the population failed
+    more = s.propose(3)
+    assert len(more) == 3 and not {p.index for p in more} & {i for i, _ in s.observed}
+
+
 def test_random_search_never_repeats_and_failed_trials_are_never_proposed_again(table):
     s = searcher("random", table, 5)
     assert isinstance(s, RandomSearch)

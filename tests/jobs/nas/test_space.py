@@ -64,6 +64,9 @@ def test_x3d_space_notation_round_trips_and_rejects_unknown_choices():
     cells = space.candidates(max_candidates=1000, seed=0)  # larger than 1000: a seeded pool
     assert cells.shape == (1000, 12) and len({tuple(c) for c in cells}) == 1000
     assert np.array_equal(cells, space.candidates(max_candidates=1000, seed=0))
+    for d, decision in enumerate(space.decisions):  # a uniform sample: every choice of every decision is in it
+        counts = np.bincount(cells[:, d], minlength=len(decision.choices))
+        assert counts.min() > 1000 / len(decision.choices) / 2, (decision.name, counts)
     text = space.format(tuple(cells[7]))
     assert space.parse(text) == tuple(cells[7])
     assert text.count("|") == 4 and text.startswith("|")
