@@ -125,7 +125,8 @@ _INTERVAL = {"type": "string", "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+
 _RELABEL = {"type": "object", "additionalProperties": False, "properties": {"sourceLabels": {"type": "array", "items": {"type": "string", "pattern": "^[a-zA-Z_][a-zA-Z0-9_]*$"}}, "targetLabel": {"type": "string"}}}
 _ENDPOINT = {
     "type": "object", "additionalProperties": False, "required": ["port"],
-    "properties": {"port": {"type": "string"}, "path": {"type": "string"}, "interval": _INTERVAL, "relabelings": {"type": "array", "items": _RELABEL}},
+    "properties": {"port": {"type": "string"}, "path": {"type": "string"}, "interval": _INTERVAL, "honorLabels": {"type": "boolean"},
+                   "relabelings": {"type": "array", "items": _RELABEL}},
 }
 _METADATA = {"type": "object", "required": ["name"], "properties": {"name": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 253}, "labels": {"type": "object", "additionalProperties": {"type": "string"}}}}
 

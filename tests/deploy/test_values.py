@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shlex
 
 import pytest
 import yaml
@@ -55,6 +56,7 @@ def test_monitoring_renders_monitors_that_select_the_exporters(helm):
     assert pod_monitor["spec"]["selector"]["matchLabels"] == {"ray.io/cluster": FULLNAME}
     (endpoint,) = pod_monitor["spec"]["podMetricsEndpoints"]
     assert endpoint["interval"] == "15s"
+    assert endpoint["honorLabels"] is True  # the metrics' `job` label (the training run) survives the scrape
     for name, pod in ray_pods(docs).items():
         ports = {p["name"] for c in pod["containers"] for p in c.get("ports", [])}
         assert endpoint["port"] in ports, name
@@ -106,7 +108,12 @@ def test_gpu_groups(helm):
     assert set(groups) == {"a100", "rtx"}  # cpu is disabled
     a100 = groups["a100"]
     assert (a100["replicas"], a100["minReplicas"], a100["maxReplicas"]) == (2, 1, 4)
-    assert json.loads(a100["rayStartParams"]["resources"]) == {"labtrain_node": 1, "a100": 8}
+    resources = a100["rayStartParams"]["resources"]
+    # KubeRay writes `--resources=<value>` into a bash command line; Ray then parses the word as JSON.
+    (word,) = [w for w in shlex.split(f"ray start --resources={resources} --block") if w.startswith("--resources=")]
+    assert json.loads(word.removeprefix("--resources=")) == {"labtrain_node": 1, "a100": 8}
+    # The autoscaler reads the same string: one pair of quotes dropped, backslashes removed.
+    assert json.loads(resources[1:-1].replace("\\", "")) == {"labtrain_node": 1, "a100": 8}
     assert a100["rayStartParams"]["object-store-memory"] == "50000000000"
     pod = a100["template"]["spec"]
     ray = pod["containers"][0]
@@ -137,6 +144,9 @@ def test_autoscaling(helm):
     assert (options["upscalingMode"], options["idleTimeoutSeconds"]) == ("Conservative", 120)
     assert env_of(options)["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == f"{FULLNAME}-ray-auth"
     assert options["securityContext"]["allowPrivilegeEscalation"] is False
+    queue_env = env_of(one(render(CI / "autoscaling-values.yaml"), "Deployment")["spec"]["template"]["spec"]["containers"][0])
+    assert json.loads(queue_env["LABTRAIN_QUEUE_CAPACITY"]["value"]) == {"CPU": 64, "GPU": 0}  # admits before Ray scales up
+    assert "LABTRAIN_QUEUE_CAPACITY" not in env_of(one(render(), "Deployment")["spec"]["template"]["spec"]["containers"][0])
 
 
 def test_head_exposes_the_job_api(helm):
@@ -225,8 +235,7 @@ def test_queue_on_postgresql(helm):
     docs = render(CI / "postgresql-values.yaml")
     assert not of_kind(docs, "PersistentVolumeClaim")
     deployment = one(docs, "Deployment")
-    assert deployment["spec"]["replicas"] == 2
-    assert "strategy" not in deployment["spec"]
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
     env = env_of(deployment["spec"]["template"]["spec"]["containers"][0])
     assert env["LABTRAIN_QUEUE_DB"]["valueFrom"]["secretKeyRef"] == {"name": "labtrain-queue-db", "key": "url"}
     assert "data" not in {v["name"] for v in deployment["spec"]["template"]["spec"]["volumes"]}
@@ -264,6 +273,8 @@ def test_no_s3_settings_by_default_and_explicit_storage_root(helm):
     assert not {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "LABTRAIN_S3_CONFIG", "LABTRAIN_STORAGE_ROOT"} & set(env)
     env = env_of(ray_pods(render(sets=("storage.root=/mnt/labtrain/runs",)))["cpu"]["containers"][0])
     assert env["LABTRAIN_STORAGE_ROOT"]["value"] == "/mnt/labtrain/runs"
+    env = env_of(ray_pods(render(sets=("storage.existingClaim=lab-nfs",)))["cpu"]["containers"][0])
+    assert env["LABTRAIN_STORAGE_ROOT"]["value"] == "/mnt/labtrain"  # a shared claim is where checkpoints go
 
 
 # ---- security --------------------------------------------------------------------------------------------------
@@ -273,7 +284,8 @@ def test_no_s3_settings_by_default_and_explicit_storage_root(helm):
 def test_pods_run_as_non_root_without_privilege_escalation(helm, values):
     for name, pod in all_pod_specs(render(*([values] if values else []))).items():
         assert pod["securityContext"]["runAsNonRoot"] is True, name
-        assert pod["automountServiceAccountToken"] is False, name
+        # Only the head of an autoscaling cluster needs its token: the autoscaler runs there.
+        assert pod["automountServiceAccountToken"] is (name == "ray-head" and values == CI / "autoscaling-values.yaml"), name
         for c in pod["containers"]:
             assert c["securityContext"]["allowPrivilegeEscalation"] is False, (name, c["name"])
             assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
@@ -331,7 +343,8 @@ BAD_VALUES = [
     (("ray.autoscaling.upscalingMode=Fast",), "labtrain: ray.autoscaling.upscalingMode must be Conservative, Default or Aggressive"),
     (("queue.database.type=mysql",), 'labtrain: queue.database.type must be sqlite or postgresql, got "mysql"'),
     (("queue.database.type=postgresql",), "labtrain: queue.database.postgresql.existingSecret is empty"),
-    (("queue.replicas=2",), "labtrain: queue.replicas is 2 but SQLite allows one writer"),
+    (("queue.replicas=2",), "labtrain: queue.replicas is 2 but the queue's dispatcher must be the only one"),
+    (("ray.autoscaling.enabled=true",), "labtrain: ray.autoscaling.enabled needs queue.capacity"),
     (("queue.adminToken.value=short",), "labtrain: queue.adminToken.value must be at least 16 characters"),
     (("queue.users[0].group=vision",), "labtrain: queue.users[0] needs a name"),
     (("queue.users[0].name=Alice Smith",), "labtrain: queue.users[0] needs a name"),

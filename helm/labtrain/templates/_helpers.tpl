@@ -117,6 +117,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if and (not $root) .Values.s3.enabled .Values.s3.bucket }}
 {{- $root = printf "s3://%s/%s" .Values.s3.bucket .Values.s3.prefix | trimSuffix "/" }}
 {{- end }}
+{{- if and (not $root) .Values.storage.existingClaim }}
+{{- $root = .Values.storage.mountPath }}
+{{- end }}
 {{- if $root }}
 - name: LABTRAIN_STORAGE_ROOT
   value: {{ $root | quote }}
@@ -236,6 +239,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if not (has .Values.ray.autoscaling.upscalingMode (list "Conservative" "Default" "Aggressive")) }}
 {{- include "labtrain.fail" (printf "ray.autoscaling.upscalingMode must be Conservative, Default or Aggressive, got %q" (toString .Values.ray.autoscaling.upscalingMode)) }}
 {{- end }}
+{{- if and .Values.ray.autoscaling.enabled .Values.queue.enabled (not .Values.queue.capacity) }}
+{{- include "labtrain.fail" "ray.autoscaling.enabled needs queue.capacity (e.g. {CPU: 256, GPU: 32}, the cluster at maxReplicas): the queue admits against what exists, so with workers scaled to zero it would never admit a job and Ray would never scale up" }}
+{{- end }}
+{{- if not (regexMatch "^[a-z]" .Release.Name) }}
+{{- include "labtrain.fail" (printf "the release name %q must start with a letter: the RayCluster is named after it and KubeRay wants a DNS-1035 name" .Release.Name) }}
+{{- end }}
 {{- range $name, $g := .Values.workerGroups }}
 {{- $where := printf "workerGroups.%s" $name }}
 {{- if not (kindIs "map" $g) }}
@@ -277,8 +286,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- include "labtrain.fail" "queue.database.postgresql.existingSecret is empty: name the Secret that holds the postgresql:// URL" }}
 {{- end }}
 {{- include "labtrain.checkCount" (list "queue.replicas" .Values.queue.replicas) }}
-{{- if and (eq $db.type "sqlite") (gt (int64 .Values.queue.replicas) 1) }}
-{{- include "labtrain.fail" (printf "queue.replicas is %v but SQLite allows one writer: use 1, or queue.database.type=postgresql" .Values.queue.replicas) }}
+{{- if gt (int64 .Values.queue.replicas) 1 }}
+{{- include "labtrain.fail" (printf "queue.replicas is %v but the queue's dispatcher must be the only one (two would both admit and start jobs): use 1" .Values.queue.replicas) }}
 {{- end }}
 {{- if and .Values.queue.adminToken.value (lt (len .Values.queue.adminToken.value) 16) }}
 {{- include "labtrain.fail" "queue.adminToken.value must be at least 16 characters" }}
