@@ -144,31 +144,35 @@ def cmd_submit(args) -> int:
 
 
 def _follow(client, job_id: str, *, poll_s: float = 1.0) -> int:
-    """Print the job's state changes (stderr) and its log (stdout) until it ends; 0 only if it succeeded.
-    A preempted job's next attempt has a new Ray submission and its log starts again."""
+    """Print the job's state changes (stderr) and stream its log (stdout) until it ends; 0 only if it
+    succeeded. Each Ray submission of the job (a preempted job runs again as a new one) is streamed once."""
     from labtrain.queue.client import QueueError
 
-    printed, submission, state, failures = 0, None, None, 0
+    streamed: set[str] = set()
+    state, failures = None, 0
     while True:
-        try:
-            answer = client.logs(job_id)
-            failures = 0
-        except QueueError as error:  # 502: e.g. Ray does not know yet a submission the dispatcher has just made
-            failures += 1
-            if error.status != 502 or failures > 30:
-                raise
-            time.sleep(poll_s)
-            continue
-        if answer["state"] != state:
-            state = answer["state"]
+        job = client.job(job_id)
+        if job["state"] != state:
+            state = job["state"]
             console.print(f"{job_id}: {state}", highlight=False)
-        if answer["submission_id"] != submission:
-            submission, printed = answer["submission_id"], 0
-        text = answer["logs"]
-        sys.stdout.write(text[printed:])
-        sys.stdout.flush()
-        printed = len(text)
+        sid = job["submission_id"]
+        if sid and sid not in streamed and state not in ("WAITING", "DISPATCHING"):
+            try:
+                if state in TERMINAL_STATES:  # it ended before we looked: the whole log at once
+                    sys.stdout.write(client.logs(job_id)["logs"])
+                else:
+                    for text in client.stream_logs(job_id):
+                        sys.stdout.write(text)
+                        sys.stdout.flush()
+                streamed.add(sid)
+                failures = 0
+                continue
+            except QueueError as error:  # 502: Ray does not know yet a submission the dispatcher has just made
+                failures += 1
+                if error.status not in (502, 409, None) or failures > 30:
+                    raise
         if state in TERMINAL_STATES:
+            sys.stdout.flush()
             return 0 if state == "SUCCEEDED" else 1
         time.sleep(poll_s)
 

@@ -30,6 +30,9 @@ def test_one_job_runs_with_the_admitted_resources_and_its_logs(make_server, ray_
     assert server.marker("one")[0].startswith("start step=0 workers=2 cpus=1.5 gpus=0")
     assert JobSubmissionClient(ray_cluster.dashboard_url).get_job_status(jid).value == "SUCCEEDED"
     assert "sleepjob one done" in alice.get(f"/api/v1/jobs/{jid}/logs").json()["logs"]
+    streamed = alice.get(f"/api/v1/jobs/{jid}/logs/stream")  # Ray's log tail, to the end of the submission
+    assert streamed.status_code == 200 and "sleepjob one done" in streamed.text
+    assert server.client("bob").get(f"/api/v1/jobs/{jid}/logs/stream").status_code == 404
     usage = {u["name"]: u["usage"] for u in alice.get("/api/v1/summary").json()["users"]}
     assert usage["alice"] > 0 and usage["bob"] == 0
 

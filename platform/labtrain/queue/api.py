@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
@@ -163,6 +163,31 @@ def create_app(settings: Settings, *, run_dispatcher: bool = True) -> FastAPI:
             except Exception as error:
                 raise HTTPException(502, f"Ray's job API did not give the logs of {row['submission_id']}: {error}")
         return {"id": job_id, "state": row["state"], "submission_id": row["submission_id"], "logs": text}
+
+    @app.get("/api/v1/jobs/{job_id}/logs/stream", response_class=StreamingResponse)
+    async def stream_logs(job_id: str, me: dict = Depends(user)) -> StreamingResponse:
+        """The log of the job's current Ray submission as it is written (from its start), until that
+        submission ends. 409 before the job has one; 502 while Ray does not know it yet."""
+        row = own_job(job_id, me)
+        ray = service.dispatcher.ray
+        if not row["submission_id"] or ray is None:
+            raise HTTPException(409, f"job {job_id} is {row['state']} and has no Ray submission to follow yet")
+        sid = row["submission_id"]
+        try:
+            found = ray.status(sid)
+        except Exception as error:
+            raise HTTPException(502, f"Ray's job API did not answer for {sid}: {error}")
+        if found is None:
+            raise HTTPException(502, f"Ray does not know {sid} yet")
+
+        async def chunks():
+            try:
+                async for text in ray.client.tail_job_logs(sid):
+                    yield text
+            except Exception as error:  # the stream broke; the client asks again or reads /logs
+                yield f"\n[labtrain queue: the log stream of {sid} broke: {error}]\n"
+
+        return StreamingResponse(chunks(), media_type="text/plain; charset=utf-8")
 
     @app.get("/api/v1/users")
     def users(me: dict = Depends(admin)) -> list[dict]:

@@ -97,3 +97,14 @@ class QueueClient:
 
     def logs(self, job_id: str) -> dict:
         return self.request("GET", f"/api/v1/jobs/{job_id}/logs")
+
+    def stream_logs(self, job_id: str):
+        """The current submission's log, chunk by chunk, as Ray writes it; ends when that submission ends."""
+        try:
+            with self._http.stream("GET", f"/api/v1/jobs/{job_id}/logs/stream", timeout=httpx.Timeout(30, read=None)) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise QueueError(f"{response.status_code}: {_explain(response)}", status=response.status_code)
+                yield from response.iter_text()
+        except httpx.TransportError as error:
+            raise QueueError(f"the log stream from {self.url} broke: {error}", status=None) from None
