@@ -138,16 +138,20 @@ class DataStream:
     def __iter__(self) -> Iterator[Any]:
         """This epoch's remaining batches; at the end the stream moves on to the next epoch."""
         self.dataset.epoch, self.dataset.plan, self.dataset.remaining = self.epoch, self.plan, list(self.remaining)
-        loader = DataLoader(
-            self.dataset,
-            batch_size=None,
-            num_workers=self.cfg.num_workers,
-            persistent_workers=False,  # the worker split is recomputed from what remains each epoch
-            # A generator of its own: by default each new loader draws its seed from torch's global RNG,
-            # so a resumed run (which builds a loader where the first run did not) would train on other
-            # random numbers from then on.
-            generator=torch.Generator().manual_seed(hash((self.cfg.seed, self.epoch, self.rank)) % 2**63),
-        )
+        if self.cfg.num_workers == 0:
+            # In this process: a DataLoader would only walk every batch through default_convert.
+            loader: Any = iter(self.dataset)
+        else:
+            loader = DataLoader(
+                self.dataset,
+                batch_size=None,
+                num_workers=self.cfg.num_workers,
+                persistent_workers=False,  # the worker split is recomputed from what remains each epoch
+                # A generator of its own: by default each new loader draws its seed from torch's global RNG,
+                # so a resumed run (which builds a loader where the first run did not) would train on other
+                # random numbers from then on.
+                generator=torch.Generator().manual_seed(hash((self.cfg.seed, self.epoch, self.rank)) % 2**63),
+            )
         for item in loader:
             meta = item["__meta__"]
             self.remaining = _subtract(self.remaining, meta["positions"])
