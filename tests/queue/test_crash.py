@@ -71,3 +71,32 @@ def test_sigkill_during_submit_and_dispatch_loses_nothing_and_runs_nothing_twice
     for request_id in acked:
         starts = [line for line in server.marker(request_id.replace("req", "k")) if line.startswith("start")]
         assert len(starts) == 1, (request_id, starts)
+
+
+@pytest.mark.parametrize("point", ["after_submit_commit", "before_ray_submit", "after_ray_submit"])
+def test_a_crash_at_each_step_of_submit_and_dispatch_is_repaired_once(make_server, ray_cluster, point):
+    """The service dies (os._exit, as under SIGKILL) exactly between two steps: after the submit's commit but
+    before its answer; after the dispatch's commit but before Ray hears of it; after Ray took the job but
+    before the store says RUNNING. The restarted service finishes the job, which runs exactly once."""
+    server = make_server(ray_cluster.dashboard_url)
+    server.stop()
+    server.env["LABTRAIN_QUEUE_CRASH_AT"] = point
+    server.start()
+    name = f"crash-{point.replace('_', '-')}"
+    spec = {**server.sleep_spec(name, steps=1, step_s=0.1), "request_id": f"req-{point}"}
+    try:
+        answer = server.client("alice").post("/api/v1/jobs", json=spec)
+        assert point != "after_submit_commit", f"the service answered {answer.status_code} instead of dying"
+    except httpx.TransportError:
+        assert point == "after_submit_commit"
+    assert server.proc.wait(30) == 137, "the service did not die at the crash point"
+    del server.env["LABTRAIN_QUEUE_CRASH_AT"]
+    server.start()
+    alice = server.client("alice")
+    job_id = alice.post("/api/v1/jobs", json=spec).json()["id"]  # the client's retry: the same job
+    assert [j["id"] for j in alice.get("/api/v1/jobs").json()] == [job_id]
+    job = wait_states(alice, [job_id], timeout_s=120)[job_id]
+    assert job["attempt"] == 1
+    ray_ids = [j.submission_id for j in JobSubmissionClient(ray_cluster.dashboard_url).list_jobs()]
+    assert ray_ids.count(job_id) == 1
+    assert len([line for line in server.marker(name) if line.startswith("start")]) == 1  # the job's own record of its runs

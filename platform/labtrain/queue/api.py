@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
 from labtrain.queue import store as st
-from labtrain.queue.dispatcher import Dispatcher, RayJobs
+from labtrain.queue.dispatcher import Dispatcher, RayJobs, crash_point
 from labtrain.queue.metrics import QueueMetrics
 from labtrain.queue.scheduler import fair_share_factors
 from labtrain.queue.spec import JobSpec, Quota, Settings, UserEntry, load_users_file
@@ -133,6 +133,7 @@ def create_app(settings: Settings, *, run_dispatcher: bool = True) -> FastAPI:
                 raise _refuse("resources", f"the gang needs {need:g} {what.upper()}; your quota is {limit:g}, so it could never start")
         limit_s = spec.time_limit_s or settings.default_time_limit_s
         row, _created = service.store.submit(me["name"], spec, time_limit_s=limit_s)
+        crash_point("after_submit_commit")
         service.dispatcher.poke()
         return _public(row)
 

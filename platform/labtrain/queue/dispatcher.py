@@ -9,6 +9,7 @@ cycle of the restarted service.
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import threading
 import time
@@ -22,6 +23,16 @@ from labtrain.queue.spec import Settings
 log = logging.getLogger("labtrain.queue")
 TIME_LIMIT_MESSAGE = "stopped: time limit reached"
 RAY_TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+CRASH_ENV = "LABTRAIN_QUEUE_CRASH_AT"
+
+
+def crash_point(name: str) -> None:
+    """Fault injection for the crash tests: die at once (as SIGKILL would) where ``$LABTRAIN_QUEUE_CRASH_AT``
+    names this point. Points: after_submit_commit, before_ray_submit, after_ray_submit."""
+    if os.environ.get(CRASH_ENV) == name:
+        os._exit(137)
 
 
 class RayJobs:
@@ -159,7 +170,9 @@ class Dispatcher:
             current = self.store.job(row["id"])
             if current is None or current["state"] != st.DISPATCHING:
                 return  # cancelled since it was admitted: never start it
+            crash_point("before_ray_submit")
             self.ray.submit(sid, entrypoint(row, self.settings.job_cwd), {"labtrain_queue_job": row["id"], "user": row["user"]})
+            crash_point("after_ray_submit")
         self.store.transition(row["id"], [st.DISPATCHING], st.RUNNING)
 
     def follow(self, row: dict, now: float) -> None:
