@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import glob
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,16 +24,40 @@ TEST_JOBS = r"^(jobs|tests\.queue)\.[a-z_]+$"
 SLEEP_CONFIG = str(Path(__file__).with_name("sleep.yaml"))
 
 
+def _pg_bin() -> str | None:
+    """Debian's server binaries (/usr/lib/postgresql/<major>/bin), the newest major installed."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]) if p.split("/")[4].isdigit() else 0)
+    return os.path.dirname(found[-1]) if found else None
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    pg_bin = _pg_bin()
+    if pg_bin is None:
+        pytest.fail("PostgreSQL's server is not installed under /usr/lib/postgresql (run `make tools`, or apt-get install postgresql)")
+    data = tempfile.mkdtemp(prefix="labtrain-pg-", dir="/tmp")
+    as_pg = []
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        shutil.chown(data, "postgres", "postgres")
+        as_pg = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+    subprocess.run([*as_pg, f"{pg_bin}/initdb", "-D", f"{data}/db", "-A", "trust", "-U", "postgres"], check=True, capture_output=True)
+    subprocess.run([*as_pg, f"{pg_bin}/pg_ctl", "-D", f"{data}/db", "-l", f"{data}/log", "-w", "-o", f"-p {port} -k {data} -h 127.0.0.1", "start"], check=True, capture_output=True)
+    yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    subprocess.run([*as_pg, f"{pg_bin}/pg_ctl", "-D", f"{data}/db", "-m", "immediate", "stop"], capture_output=True)
+    shutil.rmtree(data, ignore_errors=True)
+
+
 class QueueServer:
     """One service process; ``kill()`` is SIGKILL, ``start()`` starts it again on the same DB and port."""
 
-    def __init__(self, tmp: Path, ray_address: str | None, users: list[dict], extra_args: list[str] = ()):
+    def __init__(self, tmp: Path, ray_address: str | None, users: list[dict], extra_args: list[str] = (), db: str | None = None):
         self.tmp, self.port = tmp, free_port()
         tmp.mkdir(parents=True, exist_ok=True)
         self.url = f"http://127.0.0.1:{self.port}"
         users_file = tmp / "users.yaml"
         users_file.write_text(yaml.safe_dump(users))
-        self.env = {**os.environ, "LABTRAIN_QUEUE_DB": str(tmp / "queue.db"), "LABTRAIN_QUEUE_ADMIN_TOKEN": ADMIN_TOKEN,
+        self.env = {**os.environ, "LABTRAIN_QUEUE_DB": db or str(tmp / "queue.db"), "LABTRAIN_QUEUE_ADMIN_TOKEN": ADMIN_TOKEN,
                     "LABTRAIN_QUEUE_USERS_FILE": str(users_file), "LABTRAIN_QUEUE_JOB_PATTERN": TEST_JOBS, "LABTRAIN_QUEUE_CYCLE_S": "0.2"}
         self.env.pop("LABTRAIN_QUEUE_RAY_ADDRESS", None)
         if ray_address:
@@ -85,8 +112,8 @@ def users_list(**quotas) -> list[dict]:
 def make_server(tmp_path):
     servers = []
 
-    def make(ray_address: str | None = None, *, users: list[dict] | None = None, extra_args: list[str] = ()) -> QueueServer:
-        server = QueueServer(tmp_path / f"q{len(servers)}", ray_address, users or users_list(), list(extra_args))
+    def make(ray_address: str | None = None, *, users: list[dict] | None = None, extra_args: list[str] = (), db: str | None = None) -> QueueServer:
+        server = QueueServer(tmp_path / f"q{len(servers)}", ray_address, users or users_list(), list(extra_args), db)
         servers.append(server)
         return server.start()
 

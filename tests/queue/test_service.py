@@ -144,3 +144,19 @@ def test_shapes_job_runs_through_the_queue_on_its_admitted_gang(make_server, ray
     wait_states(alice, [jid], timeout_s=300)
     logs = alice.get(f"/api/v1/jobs/{jid}/logs").json()["logs"]
     assert (tmp_path / "ckpt" / jid).is_dir(), logs[-2000:]  # run.name defaults to the queue's job id
+
+
+def test_the_service_runs_jobs_on_postgresql(make_server, ray_cluster, postgres_url):
+    """The same service on PostgreSQL: a job runs through Ray, another is cancelled, both end recorded; a
+    restart (SIGKILL) keeps them."""
+    server = make_server(ray_cluster.dashboard_url, db=postgres_url)
+    alice = server.client("alice")
+    done = submit(alice, server.sleep_spec("pg-one"))
+    long = submit(alice, server.sleep_spec("pg-long", steps=200, step_s=0.2))
+    wait_for(lambda: job_state(alice, long)["state"] == "RUNNING", 60, what="the long job to run")
+    alice.post(f"/api/v1/jobs/{long}/cancel")
+    jobs = wait_states(alice, [done, long], states=("SUCCEEDED", "CANCELLED"))
+    assert (jobs[done]["state"], jobs[long]["state"]) == ("SUCCEEDED", "CANCELLED")
+    server.kill()
+    server.start()
+    assert {j["id"]: j["state"] for j in server.client("alice").get("/api/v1/jobs").json()} == {done: "SUCCEEDED", long: "CANCELLED"}

@@ -3,41 +3,10 @@ started here on a free loopback port as the postgres user)."""
 
 from __future__ import annotations
 
-import glob
-import os
-import shutil
-import subprocess
-import tempfile
-
 import pytest
 
 from labtrain.queue import store as st
 from labtrain.queue.spec import JobSpec, Quota, UserEntry
-from tests.conftest import free_port
-
-def _pg_bin() -> str | None:
-    """Debian's server binaries (/usr/lib/postgresql/<major>/bin), the newest major installed."""
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]) if p.split("/")[4].isdigit() else 0)
-    return os.path.dirname(found[-1]) if found else None
-
-
-@pytest.fixture(scope="module")
-def postgres_url():
-    pg_bin = _pg_bin()
-    if pg_bin is None:
-        pytest.fail("PostgreSQL's server is not installed under /usr/lib/postgresql (run `make tools`, or apt-get install postgresql)")
-    data = tempfile.mkdtemp(prefix="labtrain-pg-", dir="/tmp")
-    as_pg = []
-    if os.geteuid() == 0:  # initdb refuses to run as root
-        shutil.chown(data, "postgres", "postgres")
-        as_pg = ["runuser", "-u", "postgres", "--"]
-    port = free_port()
-    subprocess.run([*as_pg, f"{pg_bin}/initdb", "-D", f"{data}/db", "-A", "trust", "-U", "postgres"], check=True, capture_output=True)
-    subprocess.run([*as_pg, f"{pg_bin}/pg_ctl", "-D", f"{data}/db", "-l", f"{data}/log", "-w", "-o", f"-p {port} -k {data} -h 127.0.0.1", "start"], check=True, capture_output=True)
-    yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    subprocess.run([*as_pg, f"{pg_bin}/pg_ctl", "-D", f"{data}/db", "-m", "immediate", "stop"], capture_output=True)
-    shutil.rmtree(data, ignore_errors=True)
-
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store(request, tmp_path):
