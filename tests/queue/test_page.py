@@ -43,3 +43,28 @@ def test_page_without_a_token_asks_for_one(make_server, tmp_path):
     server = make_server(None)
     dom = render(server.url + "/", tmp_path)
     assert "enter your token to see the queue" in dom and "<tr><td>" not in dom
+
+
+def test_page_with_a_refused_token_asks_for_another(make_server, tmp_path):
+    server = make_server(None)
+    dom = render(f"{server.url}/#token=not-a-token-0123456789", tmp_path)
+    assert "the queue refused this token; enter yours" in dom
+    assert '<form id="login">' in dom  # shown again (no hidden attribute)
+
+
+@pytest.mark.slow
+def test_page_shows_a_running_job_on_a_live_cluster(make_server, ray_cluster, tmp_path):
+    from tests.queue.conftest import job_state, wait_for, wait_states
+
+    server = make_server(ray_cluster.dashboard_url)
+    alice = server.client("alice")
+    jid = alice.post("/api/v1/jobs", json=server.sleep_spec("page-run", workers=2, steps=100, step_s=0.2)).json()["id"]
+    wait_for(lambda: job_state(alice, jid)["state"] == "RUNNING", 60, what="the job to run")
+    try:
+        dom = render(f"{server.url}/#token={TOKENS['alice']}", tmp_path)
+        assert "1 running, 0 waiting" in dom and "cluster 4 CPUs, 0 GPUs" in dom
+        (row,) = cells(dom, "running")
+        assert row[:7] == [jid, "alice", "RUNNING", "tests.queue.sleepjob", "normal", "2", "0"]
+    finally:
+        alice.post(f"/api/v1/jobs/{jid}/cancel")
+        wait_states(alice, [jid], states=("CANCELLED",), timeout_s=60)  # leave no Ray job behind
