@@ -51,6 +51,10 @@ def test_quota_larger_than_a_job_is_refused(make_server):
     server = make_server(None, users=users_list(carol={"cpus": 2}))
     r = server.client("carol").post("/api/v1/jobs", json=server.sleep_spec("x", workers=2, cpus=2))
     assert r.status_code == 422 and "quota is 2" in r.text
+    server.client("admin").put("/api/v1/groups/vision/quota", json={"quotas": {"gpus": 1}})
+    r = server.client("alice").post("/api/v1/jobs", json={**server.sleep_spec("y"), "resources": {"workers": 2, "gpus_per_worker": 1}})
+    assert r.status_code == 422 and "your group vision's quota is 1" in r.text
+    assert server.client("alice").get("/api/v1/jobs").json() == []
 
 
 def test_every_endpoint_as_the_wrong_user_is_refused(server):

@@ -131,6 +131,11 @@ def create_app(settings: Settings, *, run_dispatcher: bool = True) -> FastAPI:
         for what, need, limit in (("cpus", res.cpus, me["quota_cpus"]), ("gpus", res.gpus, me["quota_gpus"])):
             if limit is not None and need > limit:
                 raise _refuse("resources", f"the gang needs {need:g} {what.upper()}; your quota is {limit:g}, so it could never start")
+        group = next((g for g in service.store.groups() if g["name"] == me["grp"]), None)
+        for what, need in (("cpus", res.cpus), ("gpus", res.gpus)):
+            limit = group and group[f"quota_{what}"]
+            if limit is not None and need > limit:
+                raise _refuse("resources", f"the gang needs {need:g} {what.upper()}; your group {me['grp']}'s quota is {limit:g}, so it could never start")
         limit_s = spec.time_limit_s or settings.default_time_limit_s
         row, _created = service.store.submit(me["name"], spec, time_limit_s=limit_s)
         crash_point("after_submit_commit")
