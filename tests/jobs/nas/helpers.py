@@ -35,3 +35,23 @@ class RecordingEvaluator:
 def read_log(path: str) -> list[dict]:
     with open(path) as stream:
         return [json.loads(line) for line in stream if line.strip()]
+
+
+class SlowAndFailingEvaluator:
+    """Wraps an evaluator: architectures whose string hashes to 0 mod ``fail_every`` raise, and the
+    ``slow_call``-th evaluation (counted with files in ``count_dir``, across worker processes) sleeps ``slow_s``."""
+
+    def __init__(self, inner, count_dir: str, *, fail_every: int, slow_call: int, slow_s: float):
+        self.inner, self.count_dir = inner, count_dir
+        self.fail_every, self.slow_call, self.slow_s = fail_every, slow_call, slow_s
+
+    def evaluate(self, arch: str) -> float:
+        import hashlib
+
+        call = len(os.listdir(self.count_dir)) + 1
+        open(os.path.join(self.count_dir, f"{call}-{os.getpid()}-{time.time_ns()}"), "w").close()
+        if int(hashlib.sha256(arch.encode()).hexdigest(), 16) % self.fail_every == 0:
+            raise ValueError(f"cannot evaluate {arch}")
+        if call == self.slow_call:
+            time.sleep(self.slow_s)
+        return self.inner.evaluate(arch)

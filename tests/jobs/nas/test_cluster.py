@@ -151,3 +151,34 @@ def test_ray_job_submit_runs_a_video_search_and_the_node_exporter_serves_its_met
     assert done and float(done.group(1)) == 4
     assert re.search(r'^labtrain_nas_best_score\{[^}]*job="x3d-submit"', text, re.M)
     promtool_check(text)
+
+
+def test_failed_trials_are_recorded_and_a_slow_trial_does_not_hold_the_search(ray_cluster, tmp_path, nb201_table):
+    """Trials that raise are recorded as failed (never proposed again) and the budget is still spent; one
+    trial after the initial set takes 20 s, and WeakNAS refits and runs the rest meanwhile."""
+    from jobs.nas.run import Prepared
+    from tests.jobs.nas.helpers import SlowAndFailingEvaluator
+
+    table = write_subset(nb201_table, tmp_path / "t.csv", 400, step=39)
+    cfg = build_config(NasConfig, {
+        "name": "flaky", "output": str(tmp_path / "out"),
+        "evaluator": {"kind": "table", "path": str(table)},
+        "search": {"methods": ["weaknas"], "budget": 30, "weaknas": {"predictor": {"hidden_sizes": [64, 64]}}},
+        "trials": {"max_concurrent": 3, "cpus_per_trial": 0.25},
+    })
+    prep = prepare(cfg)
+    (tmp_path / "calls").mkdir()
+    flaky = SlowAndFailingEvaluator(prep.evaluator, str(tmp_path / "calls"), fail_every=6, slow_call=12, slow_s=20)
+    prep = Prepared(**{**prep.__dict__, "evaluator": flaky})
+    metrics = NasMetrics(job="flaky", registry=CollectorRegistry())
+    complete, history = run_search(prep, metrics=metrics)
+    assert complete
+    trials = history["methods"]["weaknas"]["trials"]
+    assert len(trials) == 30 and len({t["arch"] for t in trials}) == 30
+    failed = [t for t in trials if t["status"] == "failed"]
+    assert failed and all("ValueError: cannot evaluate" in t["error"] for t in failed)
+    assert sample(metrics.registry, "labtrain_nas_trials_total", job="flaky", status="failed") == len(failed)
+    slowest = max(trials, key=lambda t: t["seconds"] if t["status"] == "done" else 0)
+    assert slowest["seconds"] >= 20
+    assert slowest["n"] >= 25, "the search waited for the slow trial"  # it finished among the last, not in order
+    assert -1 <= sample(metrics.registry, "labtrain_nas_predictor_rank_correlation", job="flaky") <= 1  # set: WeakNAS reported one
