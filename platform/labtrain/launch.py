@@ -53,15 +53,13 @@ def local_shards_missing(urls: str) -> bool:
 def check_data(cfg: Config, run_cfg: RunConfig) -> None:
     """Refuse, before any Ray worker starts, data the workers could not use: shards without an index, or
     too few samples per rank for one batch (inside a run these would fail and be restarted in vain)."""
-    from labtrain.data import s3
     from labtrain.data.index import load_shards
     from labtrain.data.stages import DataError
 
     for name, value in cfg:
         if not isinstance(value, DataConfig):
             continue
-        s3.configure(value.s3)
-        shards = load_shards(value.urls, value.index)
+        shards = load_shards(value.urls, value.index, value.s3)
         ranks = max(run_cfg.num_workers, 1)
         per_rank = sum(s.num_samples for s in shards) // ranks
         if per_rank < value.batch_size:

@@ -128,3 +128,17 @@ def test_a_connection_lost_mid_shard_reopens_it_and_loses_no_sample(s3_bucket, m
     assert sorted(keys) == sorted(set(keys)) and len(keys) == 32  # every sample once
     assert stream.bad_shards == set() and stream.skipped_samples == 0
     assert any("reopening" in r.getMessage() for r in caplog.records)
+
+
+def test_a_stream_reads_from_its_own_store_whatever_was_configured_since(s3_bucket):
+    """Two streams on two stores in one process: configuring the second must not redirect the first."""
+    from labtrain.config import S3Config
+
+    bucket, cfg = s3_bucket
+    pattern = write_s3_shards(bucket, cfg, count=16, per_shard=8)
+    stream = DataStream(DataConfig(urls=pattern, batch_size=4, s3=cfg), rank=0, world_size=1)
+    s3.configure(S3Config(endpoint_url="http://127.0.0.1:9", max_attempts=1))  # another stream's store, set later
+    try:
+        assert len([k for b in stream for k in b["__key__"]]) == 16 and stream.bad_shards == set()
+    finally:
+        s3.configure(cfg)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import braceexpand
 from tqdm import tqdm
 
+from labtrain.config import S3Config
 from labtrain.data.s3 import filesystem, open_url
 
 INDEX_NAME = "index.json"
@@ -40,8 +41,8 @@ def default_index_url(pattern: str) -> str:
     return posixpath.join(posixpath.dirname(first), INDEX_NAME)
 
 
-def _read_json(url: str) -> dict:
-    with open_url(url, "rb") as stream:
+def _read_json(url: str, s3_cfg: S3Config | None = None) -> dict:
+    with open_url(url, "rb", s3_cfg) as stream:
         return json.loads(stream.read())
 
 
@@ -51,15 +52,15 @@ def write_index(url: str, entries: dict[str, dict[str, int]]) -> None:
         stream.write(payload)
 
 
-def load_shards(pattern: str, index_url: str | None = None) -> list[Shard]:
-    """The shards named by ``pattern``, with sizes from the index beside them.
+def load_shards(pattern: str, index_url: str | None = None, s3_cfg: S3Config | None = None) -> list[Shard]:
+    """The shards named by ``pattern``, with sizes from the index beside them (on ``s3_cfg``'s store for s3://).
 
     Raises ValueError naming the shard when the index does not describe it: run `labtrain shards index`.
     """
     urls = expand_urls(pattern)
     index_url = index_url or default_index_url(pattern)
     try:
-        entries = _read_json(index_url)["shards"]
+        entries = _read_json(index_url, s3_cfg)["shards"]
     except FileNotFoundError:
         raise ValueError(
             f"no shard index at {index_url}; write shards with `labtrain shards write` "

@@ -85,11 +85,12 @@ def with_retries(fn: Callable[[], T], *, what: str, cfg: S3Config | None = None)
     raise AssertionError("unreachable")
 
 
-def open_url(url: str, mode: str = "rb") -> IO[bytes]:
-    """Open a local path or s3:// URL; s3 opens are retried on transient errors."""
+def open_url(url: str, mode: str = "rb", cfg: S3Config | None = None) -> IO[bytes]:
+    """Open a local path or s3:// URL (on ``cfg``'s store, default: the configured one); s3 opens are
+    retried on transient errors."""
     if url.startswith("s3://"):
-        fs = filesystem()
-        stream = with_retries(lambda: fs.open(url, mode), what=url)
+        fs = filesystem(cfg)
+        stream = with_retries(lambda: fs.open(url, mode), what=url, cfg=cfg)
         if mode == "rb":
             # s3fs serves every read from its block cache in Python; tar parsing makes many small reads
             # (512-byte headers), so a C buffer in front of it makes S3 reading about as fast as a file's.

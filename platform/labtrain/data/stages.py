@@ -26,6 +26,7 @@ from torch.utils.data import default_collate
 from webdataset import autodecode
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from labtrain.config import S3Config
 from labtrain.data.index import Shard
 from labtrain.data import s3
 from labtrain.data.s3 import open_url
@@ -128,11 +129,11 @@ def _size_of(stream) -> int:
     return int(size) if size is not None else os.fstat(stream.fileno()).st_size
 
 
-def _read_shard(shard: Shard, skip: int, count: int) -> Iterator[Sample]:
+def _read_shard(shard: Shard, skip: int, count: int, s3_cfg: S3Config | None = None) -> Iterator[Sample]:
     """Samples ``skip .. skip+count`` of one tar; raises if the shard ends early or is corrupt, or is not
     the size the index says. A sample is passed on only once the next one has begun (or the shard ended
     where the index says): the group that ends a broken tar may be missing files."""
-    with open_url(shard.url, "rb") as stream:
+    with open_url(shard.url, "rb", s3_cfg) as stream:
         size = _size_of(stream)
         if size != shard.size_bytes:
             raise DataError(f"shard {shard.url} has {size} bytes but the index says {shard.size_bytes}: truncated or rewritten; rebuild the index with `labtrain shards index`")
@@ -152,12 +153,12 @@ def _read_shard(shard: Shard, skip: int, count: int) -> Iterator[Sample]:
         raise DataError(f"shard {shard.url} ended after {seen} samples, but the index promises at least {skip + count}")
 
 
-def read_positions(ranges: Ranges, *, plan: EpochPlan) -> Iterator[Sample]:
+def read_positions(ranges: Ranges, *, plan: EpochPlan, s3_cfg: S3Config | None = None) -> Iterator[Sample]:
     """Open, expand and group the tars behind ``ranges``. A transient error (a reset S3 connection, say)
     reopens the shard after a backoff and carries on at the next sample; a shard that fails for good
     yields ``__lost__`` markers for its remaining positions (and ``__bad_shard__`` once), so the stream
     keeps one sample per position."""
-    retry = s3.current_config()
+    retry = s3_cfg or s3.current_config()
     for lo, hi in ranges:
         pos = lo
         while pos < hi:
@@ -167,7 +168,7 @@ def read_positions(ranges: Ranges, *, plan: EpochPlan) -> Iterator[Sample]:
             done = attempt = 0
             while True:
                 try:
-                    for sample in _read_shard(shard, offset + done, count - done):
+                    for sample in _read_shard(shard, offset + done, count - done, s3_cfg):
                         sample["__pos__"] = pos + done
                         yield sample
                         done += 1
@@ -186,12 +187,12 @@ def read_positions(ranges: Ranges, *, plan: EpochPlan) -> Iterator[Sample]:
             pos += count
 
 
-def donor_sample(plan: EpochPlan, *, decoder: Callable[[Sample], Sample], transform: Callable[[Sample], Sample] | None) -> Sample | None:
+def donor_sample(plan: EpochPlan, *, decoder: Callable[[Sample], Sample], transform: Callable[[Sample], Sample] | None, s3_cfg: S3Config | None = None) -> Sample | None:
     """A good sample from anywhere in the epoch's shards: what fills a worker whose whole share was lost
     (its positions stay lost and counted; only the stand-in comes from elsewhere). None if there is none."""
     for shard in plan.shards:
         try:
-            for raw in _read_shard(shard, 0, min(shard.num_samples, 8)):
+            for raw in _read_shard(shard, 0, min(shard.num_samples, 8), s3_cfg):
                 try:
                     out = decoder(raw)
                     return transform(out) if transform else out

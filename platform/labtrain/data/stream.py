@@ -63,10 +63,10 @@ class ShardStream(IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         cfg = self.cfg
         chain = [
-            functools.partial(stages.read_positions, plan=self.plan),
+            functools.partial(stages.read_positions, plan=self.plan, s3_cfg=cfg.s3),
             functools.partial(stages.decode, decoder=self.decoder),
             functools.partial(stages.map_samples, fn=self.transform) if self.transform else None,
-            functools.partial(stages.fill_lost, donor=functools.partial(stages.donor_sample, self.plan, decoder=self.decoder, transform=self.transform)),
+            functools.partial(stages.fill_lost, donor=functools.partial(stages.donor_sample, self.plan, decoder=self.decoder, transform=self.transform, s3_cfg=cfg.s3)),
             functools.partial(stages.shuffle, buffer_size=cfg.shuffle_buffer, seed=f"{cfg.seed}:{self.epoch}:{self.plan.rank_start}:{worker}:{sum(hi - lo for lo, hi in self.remaining)}"),
             functools.partial(stages.batch, batch_size=cfg.batch_size, collate=self.collate),
         ]
@@ -101,7 +101,7 @@ class DataStream:
         self.cfg = cfg
         self.rank = dist.rank() if rank is None else rank
         self.world_size = dist.world_size() if world_size is None else world_size
-        self.shards = load_shards(cfg.urls, cfg.index)
+        self.shards = load_shards(cfg.urls, cfg.index, cfg.s3)
         self.metrics = metrics
         self.dataset = ShardStream(
             cfg,
