@@ -31,7 +31,9 @@ from jobs.nas.space import Nb201Space  # noqa: E402
 from jobs.nas.table import Table, read_table  # noqa: E402
 from labtrain.config import ConfigError, build_config, parse_overrides  # noqa: E402
 
-DEFAULT_TABLE = Path(os.environ.get("LABTRAIN_SHARED_DIR") or REPO.parent / "shared") / "data" / "nas-bench-201" / "cifar10.csv"
+# The lab's shared folder: $LABTRAIN_SHARED_DIR, else beside the checkout or one of its parents.
+SHARED = Path(os.environ.get("LABTRAIN_SHARED_DIR") or next((p / "shared" for p in REPO.parents if (p / "shared" / "DESIGN.md").is_file()), REPO.parent / "shared"))
+DEFAULT_TABLE = SHARED / "data" / "nas-bench-201" / "cifar10.csv"
 METHODS = ("weaknas", "random", "evolution")
 
 _table: Table | None = None

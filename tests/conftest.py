@@ -15,6 +15,20 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+
+def find_shared(repo: Path = REPO) -> Path:
+    """The lab's shared folder (reference data, KubeRay's CRDs): $LABTRAIN_SHARED_DIR, else a folder named
+    ``shared`` beside the checkout or beside one of its parents (a CI checkout may sit one level deeper)."""
+    if os.environ.get("LABTRAIN_SHARED_DIR"):
+        return Path(os.environ["LABTRAIN_SHARED_DIR"])
+    for parent in repo.parents:
+        if (parent / "shared" / "DESIGN.md").is_file():
+            return parent / "shared"
+    return repo.parent / "shared"
+
+
+SHARED = find_shared()
+
 # Ray workers started by the test cluster import tests.* and jobs.* from this checkout.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")

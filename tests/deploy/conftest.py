@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-SHARED = REPO.parent / "shared"
+from tests.conftest import REPO, SHARED  # noqa: E402
 CHART = REPO / "helm" / "labtrain"
 CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
 NPM_PREFIX = REPO / ".cache" / "npm"
@@ -111,7 +110,7 @@ def _no_unknown_fields(schema: dict) -> dict:
 def crd_schema(filename: str, version: str = "v1") -> dict:
     path = SHARED / "k8s" / "crds" / filename
     if not path.exists():
-        pytest.fail(f"KubeRay's CRD {path} is missing (expected in ../shared/k8s/crds relative to the repository)")
+        pytest.fail(f"KubeRay's CRD {path} is missing (the lab's shared folder, beside the checkout or one of its parents, or LABTRAIN_SHARED_DIR)")
     crd = yaml.safe_load(path.read_text())
     (spec,) = [v for v in crd["spec"]["versions"] if v["name"] == version]
     return _no_unknown_fields(spec["schema"]["openAPIV3Schema"])

@@ -9,16 +9,13 @@ import pytest
 
 from jobs.nas.config import NasConfig
 from labtrain.config import build_config
-from tests.conftest import REPO
-
-# The lab's shared folder sits next to the checkout (../shared); LABTRAIN_SHARED_DIR points elsewhere.
-SHARED = Path(os.environ.get("LABTRAIN_SHARED_DIR") or REPO.parent / "shared")
+from tests.conftest import SHARED
 NB201_TABLE = SHARED / "data" / "nas-bench-201" / "cifar10.csv"
 
 
 @pytest.fixture(scope="session")
 def nb201_table() -> Path:
-    assert NB201_TABLE.is_file(), f"the reference table {NB201_TABLE} is missing: the NAS tests read the lab's shared folder next to the checkout (../shared), or LABTRAIN_SHARED_DIR"
+    assert NB201_TABLE.is_file(), f"the reference table {NB201_TABLE} is missing: the NAS tests read the lab's shared folder beside the checkout or one of its parents, or LABTRAIN_SHARED_DIR"
     return NB201_TABLE
 
 
