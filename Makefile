@@ -51,6 +51,7 @@ test-fast: install
 bench: install
 	$(PY) bench/data.py
 	$(PY) bench/overhead.py
+	$(PY) bench/vatt_harmonize.py
 	$(PY) bench/nas.py --quick
 	$(PY) bench/queue.py --quick
 
