@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from labtrain.queue import store as st
@@ -174,13 +175,13 @@ def create_app(settings: Settings, *, run_dispatcher: bool = True) -> FastAPI:
     async def stream_logs(job_id: str, me: dict = Depends(user)) -> StreamingResponse:
         """The log of the job's current Ray submission as it is written (from its start), until that
         submission ends. 409 before the job has one; 502 while Ray does not know it yet."""
-        row = own_job(job_id, me)
+        row = await run_in_threadpool(own_job, job_id, me)  # the store and Ray's status are blocking calls
         ray = service.dispatcher.ray
         if not row["submission_id"] or ray is None:
             raise HTTPException(409, f"job {job_id} is {row['state']} and has no Ray submission to follow yet")
         sid = row["submission_id"]
         try:
-            found = ray.status(sid)
+            found = await run_in_threadpool(ray.status, sid)
         except Exception as error:
             raise HTTPException(502, f"Ray's job API did not answer for {sid}: {error}")
         if found is None:
