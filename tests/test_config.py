@@ -101,5 +101,5 @@ def test_job_cli_refuses_data_its_workers_could_not_use_before_ray_starts(tmp_pa
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
     )
     assert proc.returncode == 2, proc.stderr
-    assert "each of the 2 workers gets 8 samples per epoch, fewer than data.batch_size=16" in proc.stderr
+    assert "each of the 2 ranks gets 8 samples per epoch, fewer than batch_size=16; lower data.batch_size" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -52,18 +52,13 @@ def local_shards_missing(urls: str) -> bool:
 
 def check_data(cfg: Config, run_cfg: RunConfig) -> None:
     """Refuse, before any Ray worker starts, data the workers could not use: shards without an index, or
-    too few samples per rank for one batch (inside a run these would fail and be restarted in vain)."""
-    from labtrain.data.index import load_shards
-    from labtrain.data.stages import DataError
+    too few samples per rank for one batch (inside a run these would fail and be restarted in vain). A
+    DataStream for rank 0 makes exactly the checks every worker's will."""
+    from labtrain.data import DataStream
 
-    for name, value in cfg:
-        if not isinstance(value, DataConfig):
-            continue
-        shards = load_shards(value.urls, value.index, value.s3)
-        ranks = max(run_cfg.num_workers, 1)
-        per_rank = sum(s.num_samples for s in shards) // ranks
-        if per_rank < value.batch_size:
-            raise DataError(f"{name}: each of the {ranks} workers gets {per_rank} samples per epoch, fewer than {name}.batch_size={value.batch_size}; lower it or use fewer workers")
+    for _, value in cfg:
+        if isinstance(value, DataConfig):
+            DataStream(value, rank=0, world_size=max(run_cfg.num_workers, 1))
 
 
 def job_main(

@@ -94,9 +94,7 @@ def open_url(url: str, mode: str = "rb", cfg: S3Config | None = None) -> IO[byte
         if mode == "rb":
             # s3fs serves every read from its block cache in Python; tar parsing makes many small reads
             # (512-byte headers), so a C buffer in front of it makes S3 reading about as fast as a file's.
-            buffered = io.BufferedReader(stream, buffer_size=2**20)
-            buffered.size = stream.size  # type: ignore[attr-defined]
-            return buffered
+            return io.BufferedReader(stream, buffer_size=2**20)
         return stream
     if url.startswith("file:"):
         url = url[len("file:"):]

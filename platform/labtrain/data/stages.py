@@ -125,7 +125,7 @@ def _tar_files(stream: IO[bytes], url: str) -> Iterator[Sample]:
 
 
 def _size_of(stream) -> int:
-    size = getattr(stream, "size", None)  # s3fs files know their object's size
+    size = getattr(getattr(stream, "raw", stream), "size", None)  # s3fs files (behind their buffer) know their object's size
     return int(size) if size is not None else os.fstat(stream.fileno()).st_size
 
 

@@ -120,12 +120,13 @@ class _Vec:
 def _shadow(head: Waiting, free: _Vec, running: list[Running], now: float) -> tuple[float, _Vec]:
     """When running jobs free enough for ``head`` (each by its time limit; a job being stopped counts as
     ending now), and what is left over for it then. ``running`` includes the jobs started this cycle."""
+    ends = sorted((now if r.stopping else r.end_s, i) for i, r in enumerate(running))
     avail = free.copy()
-    for job in sorted(running, key=lambda r: now if r.stopping else r.end_s):
-        avail.add(job)
+    for end_s, i in ends:
+        avail.add(running[i])
         if avail.fits(head):
             avail.add(head, -1.0)
-            return (now if job.stopping else job.end_s), avail
+            return end_s, avail
     return math.inf, avail  # only reached when a running job's resources are not in the capacity
 
 
