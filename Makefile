@@ -13,7 +13,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export RAY_DEDUP_LOGS ?= 0
 
-.PHONY: install tools demo test test-fast bench clean
+.PHONY: install tools demo lint test test-fast bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,13 +36,16 @@ tools:
 	@echo "npm $$(npm --version)"
 
 # Start the embedded local cluster (2 Ray nodes and the lab queue beside them), submit the main job through
-# the queue and follow it to the end, stop the cluster.
+# the queue and follow it to the end (it writes its synthetic corpus first: synthetic.write=true), stop the cluster.
 demo: install
 	labtrain cluster up
-	status=0; labtrain submit $(DEMO_CONFIG) --job $(DEMO_JOB) --workers 2 --follow || status=$$?; \
+	status=0; labtrain submit $(DEMO_CONFIG) --job $(DEMO_JOB) --workers 2 --follow synthetic.write=true || status=$$?; \
 	  labtrain cluster down; exit $$status
 
-test: install tools
+lint: install
+	$(PY) -m ruff check .
+
+test: install tools lint
 	$(PY) -m pytest
 
 test-fast: install

@@ -34,8 +34,8 @@ def samples(count: int, size: int):
         yield {"__key__": f"s{i:07d}", "npy": rng.integers(0, 255, (3, size, size), dtype=np.uint8), "cls": i % 10}
 
 
-def write(out: str, count: int, size: int, per_shard: int) -> str:
-    with ShardWriter(out, max_samples=per_shard) as writer:
+def write(out: str, count: int, size: int, per_shard: int, s3_cfg: S3Config | None = None) -> str:
+    with ShardWriter(out, max_samples=per_shard, s3=s3_cfg) as writer:
         for sample in samples(count, size):
             writer.write(sample)
     return writer.pattern
@@ -92,9 +92,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             local = write(os.path.join(tmp, "shards"), count, size, per_shard)
             s3_cfg = S3Config(endpoint_url=endpoint)
-            s3.configure(s3_cfg)
             s3.filesystem(s3_cfg).mkdir("bench")
-            remote = write("s3://bench/shards", count, size, per_shard)
+            remote = write("s3://bench/shards", count, size, per_shard, s3_cfg)
             best = {"labtrain": 0.0, "webdataset": 0.0, "s3": 0.0}
             for i in range(repeats):
                 best["webdataset"] = max(best["webdataset"], rate_webdataset(local, batch))

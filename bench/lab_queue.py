@@ -14,10 +14,6 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-
 import argparse
 import json
 import os
@@ -25,10 +21,12 @@ import random
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import httpx
 
@@ -109,7 +107,7 @@ def start_service(tmp: str, ray_address: str | None, extra_env: dict | None = No
         except OSError:
             if time.monotonic() > deadline or proc.poll() is not None:
                 proc.kill()
-                raise RuntimeError(f"the queue did not start; see {tmp}/server.log")
+                raise RuntimeError(f"the queue did not start; see {tmp}/server.log") from None
             time.sleep(0.2)
 
 

@@ -1,9 +1,13 @@
 """Step-time overhead of labtrain.train, measured side by side in one run; the last line is one JSON object.
 
-The same small model, batch and optimizer are stepped (a) in a bare PyTorch loop in this process and
-(b) through ``labtrain.train.run`` with one Ray Train worker (Session.step: strategy, metrics, timing).
-Both use one intra-op thread (Ray gives a 1-CPU worker one) and in-memory batches, so the ratio is the
-runner's own cost: ``labtrain_vs_bare_step_time`` = median step time (b) / median step time (a), goal <= 1.03.
+The same small model, batch and optimizer are stepped (a) in a bare PyTorch loop and (b) through the
+session inside a ``labtrain.train.run`` worker (session.batches, session.backward, the job's own
+optimizer.step/zero_grad, session.log: strategy, metrics, timing), in alternating blocks in that one worker
+process; then the same for two models stepped in turn (a GAN-like update). All use one intra-op thread (Ray
+gives a 1-CPU worker one) and in-memory batches, so the ratio is the session's own cost:
+``labtrain_vs_bare_step_time`` = median step time (b) / median step time (a), goal <= 1.03, and
+``two_models_labtrain_vs_bare_step_time`` the same for two models. A bare loop in the driver process is
+printed beside them for reference.
 """
 
 from __future__ import annotations
@@ -38,14 +42,16 @@ def batches(n: int):
         yield torch.randn(BATCH, WIDTH, generator=g), torch.randint(0, 10, (BATCH,), generator=g)
 
 
-def bare_loop(model, optimizer, data) -> list[float]:
+def bare_loop(models, optimizers, data) -> list[float]:
+    """Plain PyTorch: each model in turn does forward, backward, step, zero_grad (two models: a GAN-like update)."""
     times = []
     last = time.perf_counter()
     for x, y in data:
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        for model, optimizer in zip(models, optimizers):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         float(loss.detach())
         now = time.perf_counter()
         times.append(now - last)
@@ -53,10 +59,33 @@ def bare_loop(model, optimizer, data) -> list[float]:
     return times
 
 
+def labtrain_loop(session, models, optimizers, data, start_step: int) -> list[float]:
+    """The same through the session: its batches (timing, metrics), backward, the job's steps, session.log."""
+    times = []
+    step = start_step
+    last = time.perf_counter()
+    for x, y in session.batches(data):
+        for model, optimizer in zip(models, optimizers):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            session.backward(loss, model=model)
+            optimizer.step()
+            optimizer.zero_grad()
+        step += 1
+        session.log(step, loss=loss)
+        now = time.perf_counter()
+        times.append(now - last)
+        last = now
+    return times
+
+
+def plain(num_models: int):
+    models = [make_model() for _ in range(num_models)]
+    return models, [torch.optim.Adam(m.parameters(), lr=1e-3) for m in models]
+
+
 def bare_step_times(num_steps: int) -> list[float]:
     torch.set_num_threads(1)
-    model = make_model()
-    return bare_loop(model, torch.optim.Adam(model.parameters(), lr=1e-3), batches(num_steps))
+    return bare_loop(*plain(1), batches(num_steps))
 
 
 class BenchConfig(Config):
@@ -67,27 +96,25 @@ class BenchConfig(Config):
 
 
 def labtrain_train(session, cfg: BenchConfig) -> None:
-    """In the one worker process, alternate blocks of bare steps and of labtrain steps."""
+    """In the one worker process, alternate blocks of bare steps and of labtrain steps, for one model and
+    for two models stepped in turn."""
     torch.set_num_threads(1)
-    model = make_model()
-    model, optimizer, _ = session.prepare(model, torch.optim.Adam(model.parameters(), lr=1e-3), batch_size=BATCH)
-    plain = make_model()
-    plain_optimizer = torch.optim.Adam(plain.parameters(), lr=1e-3)
-    bare, ours = [], []
+    models, optimizers = plain(3)
+    prepared = session.prepare((models[0], optimizers[0]), (models[1], optimizers[1]), (models[2], optimizers[2]))
+    one = ([prepared[0][0]], [prepared[0][1]])
+    two = ([prepared[1][0], prepared[2][0]], [prepared[1][1], prepared[2][1]])
+    bare_one, bare_two = plain(1), plain(2)
+    times: dict[str, list[float]] = {"bare": [], "labtrain": [], "bare_two": [], "labtrain_two": []}
     warm = cfg.num_steps // 10
+    step = 0
     for _ in range(cfg.rounds):
-        bare += bare_loop(plain, plain_optimizer, batches(cfg.num_steps))[warm:]
-        times = []
-        last = time.perf_counter()
-        for x, y in batches(cfg.num_steps):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            session.step(loss, num_samples=BATCH)
-            now = time.perf_counter()
-            times.append(now - last)
-            last = now
-        ours += times[warm:]
+        times["bare"] += bare_loop(*bare_one, batches(cfg.num_steps))[warm:]
+        times["labtrain"] += labtrain_loop(session, *one, batches(cfg.num_steps), step)[warm:]
+        times["bare_two"] += bare_loop(*bare_two, batches(cfg.num_steps))[warm:]
+        times["labtrain_two"] += labtrain_loop(session, *two, batches(cfg.num_steps), step)[warm:]
+        step += cfg.num_steps
     with open(cfg.out, "w") as f:
-        json.dump({"bare": bare, "labtrain": ours}, f)
+        json.dump(times, f)
 
 
 def main() -> None:
@@ -111,13 +138,17 @@ def main() -> None:
                 worker = json.load(f)
     finally:
         ray.shutdown()
-    bare, ours, driver = (statistics.median(t) for t in (worker["bare"], worker["labtrain"], driver_bare))
-    print(f"in the Ray Train worker: bare {bare * 1e3:.3f} ms/step, labtrain {ours * 1e3:.3f} ms/step; "
-          f"bare in this process {driver * 1e3:.3f} ms/step", file=sys.stderr)
+    med = {name: statistics.median(values) for name, values in worker.items()}
+    driver = statistics.median(driver_bare)
+    bare, ours = med["bare"], med["labtrain"]
+    print(f"in the Ray Train worker: bare {bare * 1e3:.3f} ms/step, labtrain {ours * 1e3:.3f} ms/step; two models: bare "
+          f"{med['bare_two'] * 1e3:.3f}, labtrain {med['labtrain_two'] * 1e3:.3f} ms/step; bare in this process {driver * 1e3:.3f} ms/step", file=sys.stderr)
     print(json.dumps({
         "steps": num_steps * rounds, "model": f"MLP {DEPTH}x{WIDTH}", "batch_size": BATCH,
         "bare_step_ms": round(bare * 1e3, 3), "labtrain_step_ms": round(ours * 1e3, 3),
         "labtrain_vs_bare_step_time": round(ours / bare, 3),
+        "two_models_bare_step_ms": round(med["bare_two"] * 1e3, 3), "two_models_labtrain_step_ms": round(med["labtrain_two"] * 1e3, 3),
+        "two_models_labtrain_vs_bare_step_time": round(med["labtrain_two"] / med["bare_two"], 3),
         "driver_bare_step_ms": round(driver * 1e3, 3),
         "labtrain_vs_driver_bare_step_time": round(ours / driver, 3),
     }))

@@ -8,10 +8,9 @@ import sys
 import pytest
 from pydantic import ValidationError
 
+from jobs.shapes.config import ShapesConfig
 from labtrain.config import ConfigError, DataConfig, RunConfig, load_config, parse_overrides
 from tests.conftest import REPO
-
-from jobs.shapes.config import ShapesConfig
 
 
 def write(tmp_path, text: str):

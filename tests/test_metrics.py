@@ -48,7 +48,9 @@ def test_processes_of_a_node_are_served_by_one_exporter(tmp_path):
         import os, sys
         from labtrain.metrics import TrainMetrics
         m = TrainMetrics(job="j", kind="probe", rank=int(sys.argv[1]))
-        m.step(num_samples=8, step_s=0.02, data_wait_s=0.001, loss=1.5, lr=0.1)
+        m.batch(num_samples=8, step_s=0.02, data_wait_s=0.001)
+        m.set_loss(1.5)
+        m.set_lr(0.1)
         m.skipped(shards=1, samples=3)
         with m.time_checkpoint():
             pass

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import Discriminator, Field, PositiveInt, Tag, model_validator
 
-from labtrain.config import Config, DataConfig
+from labtrain.config import Config, DataConfig, StoragePath
 
 Method = Literal["weaknas", "random", "evolution"]
 
@@ -65,20 +65,21 @@ class TableEvaluatorConfig(Config):
     """A tabular oracle: a CSV of (architecture string, score) that answers a query by lookup."""
 
     kind: Literal["table"] = Field("table", description="Look the score up in a table.")
-    path: str = Field(description="CSV with a header; an absolute path, s3://..., or a path under the storage root (LABTRAIN_STORAGE_ROOT, default ./runs).")
+    path: StoragePath = Field(description="CSV with a header; an absolute path, s3://..., or a path under the storage root (LABTRAIN_STORAGE_ROOT, default ./runs).")
     arch_column: str = Field("arch", description="Column of architecture strings.")
     score_column: str = Field("test_accuracy", description="Column of scores (higher is better).")
 
 
 class InputConfig(Config):
-    """What the networks are built for, and the synthetic corpus written when the shards are missing."""
+    """What the networks are built for, and the synthetic corpus (written where the shards are missing, on request)."""
 
+    write_synthetic: bool = Field(False, description="Write the synthetic corpus where train.urls / val.urls name no shards (never overwrites); off: missing shards are an error.")
     num_classes: int = Field(4, ge=2, description="Classes of the task.")
     channels: int = Field(3, ge=1, description="Input channels.")
     image_size: int = Field(16, ge=1, description="Square frame side, pixels.")
     num_frames: int = Field(4, ge=1, description="Frames per clip (x3d space only).")
-    num_train_samples: int = Field(512, ge=1, description="Synthetic training samples written if the training shards are missing.")
-    num_val_samples: int = Field(256, ge=1, description="Synthetic validation samples written if the validation shards are missing.")
+    num_train_samples: int = Field(512, ge=1, description="Synthetic training samples (write_synthetic).")
+    num_val_samples: int = Field(256, ge=1, description="Synthetic validation samples (write_synthetic).")
     samples_per_shard: int = Field(128, ge=1, description="Samples per synthetic shard.")
     noise: float = Field(0.5, ge=0, description="Std of the Gaussian pixel noise of the synthetic corpus.")
     seed: int = Field(0, description="Seed of the synthetic corpus.")
@@ -169,7 +170,7 @@ class TrialsConfig(Config):
 
 class NasConfig(Config):
     name: str = Field("nas", pattern=r"^[A-Za-z0-9_.-]+$", description="Search name; outputs and the resumable state go to <output>/<name>.")
-    output: str = Field("nas", description="Output root: an absolute path or a path under the storage root (LABTRAIN_STORAGE_ROOT, default ./runs).")
+    output: StoragePath = Field("nas", description="Output root: an absolute path or a path under the storage root (LABTRAIN_STORAGE_ROOT, default ./runs).")
     space: SpaceConfig = Field(default_factory=Nb201SpaceConfig, description="The search space (kind: nb201 or x3d).")
     evaluator: EvaluatorConfig = Field(description="How a query is answered (kind: table or train).")
     search: SearchConfig = Field(default_factory=SearchConfig, description="Which searches, their budget and settings.")

@@ -8,16 +8,13 @@ A sample is ``{"npy": float32 (C,H,W) or (C,T,H,W), "cls": label}``; any shards 
 
 from __future__ import annotations
 
-import os
 from typing import Iterator
 
 import numpy as np
 import torch
 
 from jobs.nas.config import InputConfig, TrainEvaluatorConfig
-from labtrain.config import ConfigError
-from labtrain.data import write_shards
-from labtrain.launch import local_shards_missing
+from labtrain.data import require_shards
 
 
 def grating(label: int, cfg: InputConfig, rng: np.random.Generator) -> np.ndarray:
@@ -49,18 +46,19 @@ def samples(cfg: InputConfig, *, video: bool, count: int, seed: int) -> Iterator
         yield {"__key__": f"s{i:07d}", "npy": make(label, cfg, rng), "cls": label}
 
 
-def write_missing_corpus(cfg: TrainEvaluatorConfig, *, video: bool) -> None:
-    """Write the synthetic training and validation shards where ``train.urls`` / ``val.urls`` point, if
-    they are local and missing; the written pattern must be exactly the configured one."""
-    splits = ((cfg.train, cfg.input.num_train_samples, cfg.input.seed), (cfg.val, cfg.input.num_val_samples, cfg.input.seed + 10_000))
-    for data, count, seed in splits:
-        if not local_shards_missing(data.urls):
-            continue
-        out = os.path.dirname(data.urls)
-        print(f"writing {count} synthetic {'clips' if video else 'images'} to {out}", flush=True)
-        pattern = write_shards(samples(cfg.input, video=video, count=count, seed=seed), out, total=count, max_samples=cfg.input.samples_per_shard)
-        if pattern != data.urls:
-            raise ConfigError(f"wrote {pattern}, but the config names {data.urls}; make the urls name exactly the shards written")
+def require_corpus(cfg: TrainEvaluatorConfig, *, video: bool) -> TrainEvaluatorConfig:
+    """``cfg`` with its training and validation shards guaranteed to exist: written from the synthetic corpus
+    where missing if ``input.write_synthetic`` is set, else refused with the path."""
+    inp = cfg.input
+    what = "clips" if video else "images"
+    splits = {}
+    for name, count, seed in (("train", inp.num_train_samples, inp.seed), ("val", inp.num_val_samples, inp.seed + 10_000)):
+        splits[name] = require_shards(
+            getattr(cfg, name), field=f"evaluator.{name}.urls", write=inp.write_synthetic, write_field="evaluator.input.write_synthetic",
+            samples=lambda count=count, seed=seed: samples(inp, video=video, count=count, seed=seed), total=count,
+            samples_per_shard=inp.samples_per_shard, what=what,
+        )
+    return cfg.model_copy(update=splits)
 
 
 def to_tensors(sample: dict) -> dict:

@@ -21,14 +21,14 @@ import ray
 
 from jobs.nas import report
 from jobs.nas.config import NasConfig, TrialsConfig
-from jobs.nas.data import write_missing_corpus
+from jobs.nas.data import require_corpus
 from jobs.nas.evaluate import Evaluator, TableEvaluator, TrainEvaluator, run_trial
 from jobs.nas.metrics import NasMetrics
 from jobs.nas.model import check_space
 from jobs.nas.search import Searcher, make_searcher
 from jobs.nas.space import Space, build_space
 from jobs.nas.table import read_table
-from labtrain.launch import resolve_local_paths, resolve_path
+from labtrain import storage
 
 log = logging.getLogger("jobs.nas")
 
@@ -56,20 +56,19 @@ class Prepared:
 def prepare(cfg: NasConfig) -> Prepared:
     """Resolve paths, check the space (a dry build for live training) or read the table, write a missing
     synthetic corpus, load the saved state: every way the search could be refused, before any trial."""
+    cfg = storage.resolve_paths(cfg)
     space = build_space(cfg.space)
     ev = cfg.evaluator
     if ev.kind == "table":
-        ev = ev.model_copy(update={"path": resolve_path(ev.path)})
         table = read_table(ev.path, space, arch_column=ev.arch_column, score_column=ev.score_column)
         candidates, archs, evaluator, table_best = table.choices_ND, table.archs, TableEvaluator(table.lookup()), table.best_score
     else:
-        ev = resolve_local_paths(ev)
         check_space(space, cfg.space, channels=ev.input.channels, image_size=ev.input.image_size, num_frames=ev.input.num_frames, num_classes=ev.input.num_classes)
-        write_missing_corpus(ev, video=cfg.space.kind == "x3d")
+        ev = require_corpus(ev, video=cfg.space.kind == "x3d")
         candidates = space.candidates(cfg.space.max_candidates, cfg.search.seed)
         archs = [space.format(tuple(a)) for a in candidates]
         evaluator, table_best = TrainEvaluator(cfg.space, ev, num_threads=max(1, int(cfg.trials.cpus_per_trial))), None
-    cfg = cfg.model_copy(update={"evaluator": ev, "output": resolve_path(cfg.output)})
+    cfg = cfg.model_copy(update={"evaluator": ev})
     out_dir = f"{cfg.output.rstrip('/')}/{cfg.name}"
     state = load_state(out_dir, fingerprint(cfg, archs))
     return Prepared(cfg, out_dir, space, candidates, archs, evaluator, table_best, state)

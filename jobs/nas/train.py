@@ -1,7 +1,7 @@
 """One live trial: train a network briefly on streamed shards and return its validation accuracy.
 
-Runs inside a Ray task on one worker (no process group): the shards stream through ``labtrain.data`` as
-rank 0 of 1. The recipe is NAS-Bench-201's (SGD with Nesterov momentum, cosine learning rate, weight
+Runs inside a Ray task on one worker (no process group), on the same session API as every training
+function: the shards stream through ``labtrain.data`` as rank 0 of 1, on the GPU Ray gave the task if any. The recipe is NAS-Bench-201's (SGD with Nesterov momentum, cosine learning rate, weight
 decay), shortened to ``epochs`` passes.
 """
 
@@ -13,30 +13,29 @@ from torch import nn
 
 from jobs.nas.config import TrainEvaluatorConfig
 from jobs.nas.data import to_tensors
+from labtrain.config import RunConfig
 from labtrain.data import DataStream
-
-
-def device() -> torch.device:
-    """The trial's GPU when Ray gave it one (trials.gpus_per_trial), else the CPU."""
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+from labtrain.train import Session
 
 
 def train_and_validate(net: nn.Module, cfg: TrainEvaluatorConfig) -> float:
-    dev = device()
-    net = net.to(dev)
-    data = DataStream(cfg.train, transform=to_tensors, rank=0, world_size=1)
+    """Train ``net`` on labtrain's session API as rank 0 of 1 (its device, its step metrics, labelled
+    kind="nas" on the node's exporter), then score it."""
+    session = Session(RunConfig(name="nas-trial", num_workers=1, log_every=2**31 - 1, tensorboard=False), kind="nas")
+    data = session.data(cfg.train, transform=to_tensors)
     total_steps = cfg.epochs * len(data)
     optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+    net, optimizer, scheduler = session.prepare(net, optimizer, scheduler)
     net.train()
     while data.epoch < cfg.epochs:
-        for batch in data:
-            loss = F.cross_entropy(net(batch["x"].to(dev)), batch["label"].to(dev))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+        for batch in session.batches(data):
+            loss = F.cross_entropy(net(batch["x"].to(session.device)), batch["label"].to(session.device))
+            session.backward(loss, model=net)
             optimizer.step()
+            optimizer.zero_grad()
             scheduler.step()
-    return validate(net, cfg)
+    return validate(session.unwrap(net), cfg)
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""python -m jobs.vatt --config jobs/vatt/configs/tiny.yaml [key.sub=value ...]"""
+"""python -m jobs.vatt --config jobs/vatt/configs/tiny.yaml [synthetic.write=true] [key.sub=value ...]"""
 
 from __future__ import annotations
 
@@ -9,30 +9,24 @@ from jobs.vatt import data
 from jobs.vatt.config import VattConfig
 from jobs.vatt.evaluate import summary
 from jobs.vatt.train import train
-from labtrain.data import write_shards
-from labtrain.launch import job_main, local_shards_missing, resolve_local_paths, resolve_path
-
-
-def _write(urls: str, samples, total: int, per_shard: int) -> str:
-    """Write the synthetic shards into the folder of ``urls``; returns the pattern of what was written."""
-    out = urls.rsplit("/", 1)[0]
-    print(f"writing {total} synthetic triplets to {out}", flush=True)
-    return write_shards(samples, out, total=total, max_samples=per_shard)
+from labtrain.data import require_shards
+from labtrain.launch import job_main
 
 
 def prepare(cfg: VattConfig) -> VattConfig:
-    """Absolute paths for the workers, and the synthetic train and clean eval shards if missing (the
-    patterns then name exactly the shards written)."""
-    cfg = resolve_local_paths(cfg)
-    eval_cfg = cfg.eval.model_copy(update={"urls": resolve_path(cfg.eval.urls)})
-    data_cfg = cfg.data
-    syn = cfg.synthetic
-    if local_shards_missing(data_cfg.urls):
-        data_cfg = data_cfg.model_copy(update={"urls": _write(data_cfg.urls, data.samples(syn, cfg.model), syn.num_samples, syn.samples_per_shard)})
-    if local_shards_missing(eval_cfg.urls):
-        clean = data.samples(syn, cfg.model, count=eval_cfg.num_samples, split_seed=1, misaligned=0.0)
-        eval_cfg = eval_cfg.model_copy(update={"urls": _write(eval_cfg.urls, clean, eval_cfg.num_samples, syn.samples_per_shard)})
-    return cfg.model_copy(update={"data": data_cfg, "eval": eval_cfg, "out_dir": resolve_path(cfg.out_dir)})
+    """The training and clean eval shards must exist, or be written from the synthetic corpus on request
+    (the patterns then name exactly the shards written)."""
+    syn, model = cfg.synthetic, cfg.model
+    train_data = require_shards(
+        cfg.data, field="data.urls", write=syn.write, write_field="synthetic.write",
+        samples=lambda: data.samples(syn, model), total=syn.num_samples, samples_per_shard=syn.samples_per_shard, what="triplets",
+    )
+    eval_data = require_shards(
+        cfg.data.model_copy(update={"urls": cfg.eval.urls, "index": None}), field="eval.urls", write=syn.write, write_field="synthetic.write",
+        samples=lambda: data.samples(syn, model, count=cfg.eval.num_samples, split_seed=1, misaligned=0.0),
+        total=cfg.eval.num_samples, samples_per_shard=syn.samples_per_shard, what="clean eval triplets",
+    )
+    return cfg.model_copy(update={"data": train_data, "eval": cfg.eval.model_copy(update={"urls": eval_data.urls})})
 
 
 def report(cfg: VattConfig, result) -> None:

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from labtrain.config import Config, DataConfig, RunConfig
+from labtrain.config import Config, DataConfig, RunConfig, StoragePath, StoragePaths
 
 
 class ModelConfig(Config):
@@ -74,6 +74,7 @@ class HarmonizeConfig(Config):
 class SyntheticConfig(Config):
     """A corpus whose ground truth is known: a latent class and style drive video, audio and text."""
 
+    write: bool = Field(False, description="Write the corpus (training triplets to data.urls' folder, clean ones to eval.urls') where no shards are; off: missing shards are an error.")
     num_samples: int = Field(2048, ge=16, description="Triplets to write.")
     samples_per_shard: int = Field(256, ge=1, description="Triplets per shard.")
     num_classes: int = Field(8, ge=2, description="Latent classes.")
@@ -84,14 +85,14 @@ class SyntheticConfig(Config):
 
 
 class EvalConfig(Config):
-    urls: str = Field(description="Clean held-out shards (written from `synthetic` with misaligned = 0 when missing).")
+    urls: StoragePaths = Field(description="Clean held-out shards (written from `synthetic` with misaligned = 0 on request).")
     batch_size: int = Field(128, ge=2, description="Evaluation batch size.")
     num_samples: int = Field(512, ge=16, description="Clean held-out triplets (misaligned = 0), written beside the training shards.")
     probe_steps: int = Field(300, ge=1, description="Optimizer steps of the linear probe.")
 
 
 class VattConfig(Config):
-    data: DataConfig = Field(description="Training shards (written from `synthetic` when missing).")
+    data: DataConfig = Field(description="Training shards (written from `synthetic` on request, synthetic.write=true).")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Network sizes.")
     harmonize: HarmonizeConfig = Field(default_factory=HarmonizeConfig, description="Gradient harmonization.")
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig, description="Synthetic corpus.")
@@ -103,8 +104,8 @@ class VattConfig(Config):
     lr_end_ratio: float = Field(0.05, ge=0, le=1, description="Final learning rate as a share of the peak.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     checkpoint_every: int = Field(50, ge=1, description="Steps between checkpoints.")
-    log_every: int = Field(10, ge=1, description="Steps between progress lines and metric updates.")
-    out_dir: str = Field("vatt/out", description="Where the evaluation JSON and plot go (under the storage root if relative).")
+    log_every: int = Field(10, ge=1, description="Steps between measured points: conflict scores without harmonization, the history, the job's gauges.")
+    out_dir: StoragePath = Field("vatt/out", description="Where the evaluation JSON and plot go (under the storage root if relative).")
 
     @model_validator(mode="after")
     def _data_fits(self) -> "VattConfig":

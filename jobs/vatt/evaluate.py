@@ -72,30 +72,45 @@ def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
     return float(greater / (len(pos) * len(neg)))
 
 
-def conflict_auroc(rows: list[list], *, last_epoch: int) -> dict[str, float]:
-    """How well the conflict score (-cosine) flags misaligned triplets. ``rows``: [epoch, key, cosine,
-    misaligned] per measurement.
+def add_scores(scores: dict[str, list], epoch: int, keys, cosines, flags) -> None:
+    """Fold one step's measurements into ``scores``: key -> [sum of cosines, measurements, misaligned,
+    last epoch measured, its cosine]. Its size is the number of triplets, whatever the number of epochs."""
+    for key, cos, flag in zip(keys, cosines, flags):
+        entry = scores.setdefault(key, [0.0, 0, int(flag), -1, 0.0])
+        entry[0] += cos
+        entry[1] += 1
+        entry[3], entry[4] = epoch, cos
+
+
+def merge_scores(parts: list[dict[str, list]]) -> dict[str, list]:
+    """The ranks' ``scores`` as one (a triplet may be measured on different ranks in different epochs)."""
+    merged: dict[str, list] = {}
+    for part in parts:
+        for key, (total, count, flag, epoch, cos) in part.items():
+            entry = merged.setdefault(key, [0.0, 0, flag, -1, 0.0])
+            entry[0] += total
+            entry[1] += count
+            if epoch > entry[3]:
+                entry[3], entry[4] = epoch, cos
+    return merged
+
+
+def conflict_auroc(scores: dict[str, list], *, last_epoch: int) -> dict[str, float]:
+    """How well the conflict score (-cosine) flags misaligned triplets, from :func:`add_scores`' aggregates.
 
     ``conflict_auroc`` scores each triplet by the mean of its cosines over every epoch it was measured in:
     one measurement is noisy (DropToken, the batch's negatives), and a triplet is seen once an epoch.
     ``conflict_auroc_last_epoch`` uses the last epoch's single measurement of each triplet.
     """
-    if not rows:
+    if not scores:
         return {"conflict_auroc": float("nan"), "conflict_auroc_last_epoch": float("nan"), "conflict_auroc_samples": 0.0}
-    sums: dict[str, list] = {}
-    last_cos, last_flag = [], []
-    for epoch, key, cos, misaligned in rows:
-        entry = sums.setdefault(key, [0.0, 0, misaligned])
-        entry[0] += cos
-        entry[1] += 1
-        if epoch == last_epoch:
-            last_cos.append(cos)
-            last_flag.append(misaligned)
-    mean_cos = np.array([total / count for total, count, _ in sums.values()])
-    flags = np.array([flag for _, _, flag in sums.values()], dtype=int)
+    entries = list(scores.values())
+    mean_cos = np.array([total / count for total, count, *_ in entries])
+    flags = np.array([flag for _, _, flag, *_ in entries], dtype=int)
+    last = [(cos, flag) for _, _, flag, epoch, cos in entries if epoch == last_epoch]
     return {
         "conflict_auroc": auroc(-mean_cos, flags),
-        "conflict_auroc_last_epoch": auroc(-np.asarray(last_cos), np.asarray(last_flag, dtype=int)),
+        "conflict_auroc_last_epoch": auroc(-np.array([c for c, _ in last]), np.array([f for _, f in last], dtype=int)),
         "conflict_auroc_samples": float(len(mean_cos)),
     }
 

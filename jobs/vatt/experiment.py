@@ -39,7 +39,7 @@ def corpus(base: VattConfig, root: str, seed: int, misaligned: float) -> VattCon
     """``base`` with its own synthetic corpus (written once, shared by the plain and harmonized runs)."""
     data_dir = os.path.join(root, f"data-s{seed}-m{int(misaligned * 100)}")
     cfg = base.model_copy(update={
-        "synthetic": base.synthetic.model_copy(update={"seed": seed, "misaligned": misaligned}),
+        "synthetic": base.synthetic.model_copy(update={"seed": seed, "misaligned": misaligned, "write": True}),  # this command writes its corpora
         "data": base.data.model_copy(update={"urls": os.path.join(data_dir, "train", os.path.basename(base.data.urls))}),
         "eval": base.eval.model_copy(update={"urls": os.path.join(data_dir, "eval", os.path.basename(base.eval.urls))}),
         "run": base.run.model_copy(update={"num_workers": 0, "storage_path": os.path.join(root, "ckpt")}),

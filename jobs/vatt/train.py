@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
@@ -14,8 +13,6 @@ from jobs.vatt.losses import objective
 from jobs.vatt.model import VattModel
 from labtrain import dist
 from labtrain.train import Session
-
-log = logging.getLogger("jobs.vatt")
 
 
 def lr_schedule(cfg: VattConfig, total_steps: int):
@@ -37,13 +34,13 @@ def train(session: Session, cfg: VattConfig) -> None:
     model = VattModel(cfg.model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.999), eps=1e-7, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg, total_steps))
-    model, optimizer, scheduler = session.prepare(model, optimizer, scheduler, batch_size=cfg.data.batch_size)
+    model, optimizer, scheduler = session.prepare(model, optimizer, scheduler)
     restored = session.restore(data)
     step = restored.step
     history: list[dict] = restored.extra.get("history", [])
-    scores: list[list] = restored.extra.get("scores", [])  # [epoch, key, conflict score, misaligned] per measurement
-    if session.rank == 0:
-        log.info("VATT: %d steps on %d workers (%s), harmonize %s, from step %d", total_steps, session.world_size, cfg.run.strategy, cfg.harmonize.model_dump(), step)
+    scores: dict[str, list] = restored.extra.get("scores", {})  # per triplet, see evaluate.add_scores: bounded by the data
+    session.total_steps = total_steps
+    session.info("VATT: %d steps on %d workers (%s), harmonize %s, from step %d", total_steps, session.world_size, cfg.run.strategy, cfg.harmonize.model_dump(), step)
 
     model.train()
     while data.epoch < cfg.epochs:
@@ -51,25 +48,27 @@ def train(session: Session, cfg: VattConfig) -> None:
             measure = cfg.harmonize.enabled or step % cfg.log_every == 0  # per-sample gradients cost two small backward passes
             emb = model(batch["video"].to(session.device), batch["audio"].to(session.device), batch["text"].to(session.device))
             loss, stats = objective(emb, cfg.harmonize, cfg.model.temperature, step=step, total_steps=total_steps, measure=measure)
-            value = session.step(loss, num_samples=len(batch["label"]))
+            session.backward(loss, model=model)
+            optimizer.step()
+            optimizer.zero_grad()
+            scheduler.step()
             step += 1
             if stats.cos is not None:
-                scores += [[data.epoch, k, c, m] for k, c, m in zip(batch["__key__"], stats.cos.tolist(), batch["misaligned"].tolist())]
+                evaluate.add_scores(scores, data.epoch, batch["__key__"], stats.cos.tolist(), batch["misaligned"].tolist())
+            signals = {"loss_va": stats.loss_va, "loss_vt": stats.loss_vt}
+            if stats.cos is not None:
+                signals.update(conflict_rate=stats.conflict_rate, mean_cos=stats.mean_cos, kept=stats.kept)
             if step % cfg.log_every == 0:
-                point = {"step": step, "loss": value, "loss_va": stats.loss_va, "loss_vt": stats.loss_vt, "conflict_rate": stats.conflict_rate, "mean_cos": stats.mean_cos, "kept": stats.kept}
-                history.append(point)
-                for name in ("loss_va", "loss_vt", "conflict_rate", "mean_cos", "kept"):
-                    session.metrics.gauge(f"labtrain_vatt_{name}", f"VATT {name.replace('_', ' ')} of the latest measured step.", point[name])
-                if session.rank == 0:
-                    log.info("epoch %d step %d/%d loss %.4f (va %.3f vt %.3f) conflict %.2f kept %.2f", data.epoch, step, total_steps, value, stats.loss_va, stats.loss_vt, stats.conflict_rate, stats.kept)
+                history.append({"step": step, "loss": float(loss.detach()), **signals})
+            session.log(step, loss=loss, **signals)
             if step % cfg.checkpoint_every == 0:
                 session.checkpoint(step, data, extra={"history": history, "scores": scores})
 
-    all_scores = [row for rank_rows in dist.all_gather_object(scores) for row in rank_rows]
-    report = evaluate.evaluate(session.unwrap(), cfg, session.device)
+    all_scores = evaluate.merge_scores(dist.all_gather_object(scores))
+    report = evaluate.evaluate(session.unwrap(model), cfg, session.device)
     report.update(evaluate.conflict_auroc(all_scores, last_epoch=cfg.epochs - 1), steps=step, history=history)
     if session.rank == 0:
         paths = evaluate.write_report(report, cfg)
-        log.info("evaluation: %s", evaluate.summary(report))
-        log.info("wrote %s", ", ".join(paths))
+        session.info("evaluation: %s", evaluate.summary(report))
+        session.info("wrote %s", ", ".join(paths))
     session.checkpoint(step, data, extra={"history": history, "scores": scores}, metrics={k: v for k, v in report.items() if isinstance(v, float)})

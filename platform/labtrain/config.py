@@ -7,8 +7,9 @@ field, the value given and what is allowed, before anything is started.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -19,11 +20,25 @@ __all__ = [
     "DataConfig",
     "RunConfig",
     "S3Config",
+    "StoragePath",
+    "StoragePaths",
     "load_config",
     "parse_overrides",
 ]
 
 C = TypeVar("C", bound="Config")
+
+
+@dataclass(frozen=True)
+class PathField:
+    """Marks a config field as a storage path: :func:`labtrain.storage.resolve_paths` puts a relative one
+    under the storage root, at any depth of a config. ``separator`` splits a field holding several paths."""
+
+    separator: str | None = None
+
+
+StoragePath = Annotated[str, PathField()]
+StoragePaths = Annotated[str, PathField(separator="::")]  # shard patterns joined by '::'
 
 
 class ConfigError(ValueError):
@@ -50,8 +65,8 @@ class S3Config(Config):
 class DataConfig(Config):
     """A stream of webdataset shards, split evenly over ranks and dataloader workers."""
 
-    urls: str = Field(description="Shard pattern: a local path, brace pattern or s3://bucket/prefix/name-{000000..000099}.tar")
-    index: str | None = Field(None, description="index.json beside the shards; None means <dir of urls>/index.json.")
+    urls: StoragePaths = Field(description="Shard pattern: a local path, brace pattern or s3://bucket/prefix/name-{000000..000099}.tar")
+    index: StoragePath | None = Field(None, description="index.json beside the shards; None means <dir of urls>/index.json.")
     batch_size: int = Field(32, ge=1, description="Samples per batch on each rank.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank.")
     shuffle_buffer: int = Field(0, ge=0, description="Samples shuffled in a buffer inside each worker (0 = shard order only).")
@@ -70,7 +85,7 @@ class RunConfig(Config):
     resources_per_worker: dict[str, float] = Field(default_factory=dict, description="Extra Ray resources per worker, e.g. {'node_b': 1}.")
     strategy: Literal["ddp", "deepspeed", "accelerate"] = Field("ddp", description="Distributed strategy.")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage (strategy=deepspeed only).")
-    storage_path: str = Field("checkpoints", description="Checkpoint root: s3://bucket/prefix, an absolute path, or a path under the storage root (LABTRAIN_STORAGE_ROOT, default ./runs).")
+    storage_path: StoragePath = Field("checkpoints", description="Checkpoint root: s3://bucket/prefix, an absolute path, or a path under the storage root (LABTRAIN_STORAGE_ROOT, default ./runs).")
     max_failures: int = Field(0, ge=-1, description="Restarts from the latest checkpoint after a worker failure (-1 = unlimited).")
     num_to_keep: int | None = Field(2, ge=1, description="Checkpoints kept; None keeps all.")
     start_timeout_s: float | None = Field(
@@ -78,6 +93,19 @@ class RunConfig(Config):
         description="Seconds for the workers to start while no placement group waits for resources; past that the Ray Train "
         "controller is taken as stuck: its stack is logged, it is restarted once, then the run fails. None waits forever.",
     )
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="'bf16': models run their forward under bf16 autocast (weights, gradients and optimizer state stay fp32); "
+        "refused on a GPU without bf16. The same under every strategy.",
+    )
+    clip_grad_norm: float | None = Field(None, gt=0, description="Clip each model's gradient norm (over all ranks) to this before its optimizer step; None: no clipping.")
+    accumulate_batches: int = Field(
+        1, ge=1,
+        description="Batches whose gradients are summed per optimizer step. optimizer.step(), zero_grad() and scheduler.step() act on every "
+        "accumulate_batches-th batch only, and the batches in between are not all-reduced (DeepSpeed ZeRO-2/3 still reduce-scatter each one).",
+    )
+    log_every: int = Field(10, ge=1, description="Steps between progress lines (rank 0) and TensorBoard points.")
+    tensorboard: bool = Field(True, description="Write TensorBoard events (rank 0) to <storage_path>/<name>/tensorboard.")
     s3: S3Config = Field(default_factory=S3Config, description="S3 settings when storage_path is s3://.")
 
 

@@ -3,51 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Any, Callable, TypeVar
 
-from labtrain.config import Config, ConfigError, DataConfig, RunConfig, load_config
-from labtrain.data.index import expand_urls
+from labtrain import storage
+from labtrain.config import Config, DataConfig, RunConfig, load_config
 
 C = TypeVar("C", bound=Config)
-
-
-STORAGE_ROOT_ENV = "LABTRAIN_STORAGE_ROOT"
-
-
-def storage_root() -> str:
-    """Where relative data and checkpoint paths live: ``$LABTRAIN_STORAGE_ROOT`` (a shared filesystem
-    path or s3://bucket/prefix; the local cluster sets it to the repo's runs/), else ./runs."""
-    return os.environ.get(STORAGE_ROOT_ENV) or os.path.abspath("runs")
-
-
-def resolve_path(path: str) -> str:
-    """``path`` as every worker must see it: URLs and absolute paths as they are, others under the storage root."""
-    if "://" in path or os.path.isabs(path):
-        return path
-    root = storage_root()
-    return f"{root.rstrip('/')}/{path}" if "://" in root else os.path.join(root, path)
-
-
-def resolve_local_paths(cfg: C) -> C:
-    """Relative data and storage paths put under the storage root, so that every worker, whatever its
-    working directory (a Ray job's working_dir copy is private to it), reads and writes the same files."""
-    updates = {}
-    for name, value in cfg:
-        if isinstance(value, DataConfig):
-            index = resolve_path(value.index) if value.index else None
-            updates[name] = value.model_copy(update={"urls": "::".join(resolve_path(p) for p in value.urls.split("::")), "index": index})
-        elif isinstance(value, RunConfig):
-            updates[name] = value.model_copy(update={"storage_path": resolve_path(value.storage_path)})
-    return cfg.model_copy(update=updates)
-
-
-def local_shards_missing(urls: str) -> bool:
-    """True when ``urls`` names local shards and none of them exists yet."""
-    if "://" in urls:
-        return False
-    return not any(os.path.exists(u) for u in expand_urls(urls))
 
 
 def check_data(cfg: Config, run_cfg: RunConfig) -> None:
@@ -68,32 +30,37 @@ def job_main(
     kind: str,
     prepare: Callable[[C], C] | None = None,
     report: Callable[[C, Any], None] | None = None,
+    num_models: int = 1,
+    shared_parameters: bool = False,
     argv: list[str] | None = None,
     description: str | None = None,
 ) -> int:
-    """``python -m jobs.<kind> --config FILE [key.sub=value ...]``: validate, prepare, run; exit status."""
+    """``python -m jobs.<kind> --config FILE [key.sub=value ...]``: validate, resolve storage paths, prepare
+    (the job's own checks, e.g. that its shards exist), check the data and what the strategy must carry
+    (``num_models`` trained models, ``shared_parameters`` between them), run; exit status. Every refusal
+    happens here, before Ray starts, with status 2."""
     parser = argparse.ArgumentParser(prog=f"python -m jobs.{kind}", description=description)
     parser.add_argument("--config", required=True, help="YAML config file")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(cls, args.config, args.overrides)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    if prepare is not None:
-        cfg = prepare(cfg)
-    run_cfg = next(value for _, value in cfg if isinstance(value, RunConfig))
     from labtrain.data.stages import DataError
+    from labtrain.train.strategies import check_support
 
     try:
+        cfg = storage.resolve_paths(load_config(cls, args.config, args.overrides))
+        if prepare is not None:
+            cfg = prepare(cfg)
+        run_cfg = next(value for _, value in cfg if isinstance(value, RunConfig))
+        check_support(run_cfg, num_models=num_models, shared_parameters=shared_parameters)
         check_data(cfg, run_cfg)
-    except (ValueError, DataError) as error:
+    except (ValueError, DataError) as error:  # ConfigError is a ValueError
         print(f"error: {error}", file=sys.stderr)
         return 2
 
     from labtrain.train import run
 
+    if run_cfg.tensorboard:
+        print(f"TensorBoard: tensorboard --logdir {storage.join(storage.run_dir(run_cfg), 'tensorboard')} (or the storage root for every run)", flush=True)
     result = run(train_fn, cfg, run_cfg, kind=kind)
     if result.error is not None:
         print(f"error: the run failed: {result.error}", file=sys.stderr)

@@ -61,26 +61,29 @@ class TrainMetrics:
         labels = self.LABELS
         reg = self.registry
         self.samples = Counter("labtrain_train_samples", "Training samples consumed.", labels, registry=reg)
-        self.steps = Counter("labtrain_train_steps", "Optimizer steps taken.", labels, registry=reg)
+        self.steps = Counter("labtrain_train_steps", "Training batches processed (optimizer steps unless run.accumulate_batches > 1).", labels, registry=reg)
         self.step_time = Histogram("labtrain_train_step_seconds", "Wall time of one training step, data wait excluded.", labels, buckets=STEP_BUCKETS_S, registry=reg)
         self.data_wait = Histogram("labtrain_train_data_wait_seconds", "Time a step waited for its batch.", labels, buckets=WAIT_BUCKETS_S, registry=reg)
-        self.loss = Gauge("labtrain_train_loss", "Training loss of the latest step.", labels, multiprocess_mode="mostrecent", registry=reg)
-        self.learning_rate = Gauge("labtrain_train_learning_rate", "Learning rate of the latest step.", labels, multiprocess_mode="mostrecent", registry=reg)
+        self.loss = Gauge("labtrain_train_loss", "Training loss of the latest logged step (every run.log_every steps).", labels, multiprocess_mode="mostrecent", registry=reg)
+        self.learning_rate = Gauge("labtrain_train_learning_rate", "Learning rate of the first optimizer at the latest logged step.", labels, multiprocess_mode="mostrecent", registry=reg)
         self.epoch = Gauge("labtrain_train_epoch", "Current epoch.", labels, multiprocess_mode="mostrecent", registry=reg)
         self.checkpoint_time = Histogram("labtrain_checkpoint_seconds", "Wall time to save one checkpoint.", labels, buckets=CHECKPOINT_BUCKETS_S, registry=reg)
         self.skipped_shards = Counter("labtrain_data_skipped_shards", "Unreadable shards skipped.", labels, registry=reg)
         self.skipped_samples = Counter("labtrain_data_skipped_samples", "Samples lost to unreadable shards or failed decoding.", labels, registry=reg)
         self._extra: dict[str, Gauge] = {}
 
-    def step(self, *, num_samples: int, step_s: float, data_wait_s: float, loss: float, lr: float | None = None) -> None:
+    def batch(self, *, num_samples: int, step_s: float, data_wait_s: float) -> None:
         lab = self._labels
         self.samples.labels(**lab).inc(num_samples)
         self.steps.labels(**lab).inc()
         self.step_time.labels(**lab).observe(step_s)
         self.data_wait.labels(**lab).observe(data_wait_s)
-        self.loss.labels(**lab).set(loss)
-        if lr is not None:
-            self.learning_rate.labels(**lab).set(lr)
+
+    def set_loss(self, loss: float) -> None:
+        self.loss.labels(**self._labels).set(loss)
+
+    def set_lr(self, lr: float) -> None:
+        self.learning_rate.labels(**self._labels).set(lr)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch.labels(**self._labels).set(epoch)

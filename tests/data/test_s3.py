@@ -13,8 +13,7 @@ from tests.data.conftest import make_samples
 
 
 def write_s3_shards(bucket: str, cfg, count: int = 96, per_shard: int = 16) -> str:
-    s3.configure(cfg)
-    with ShardWriter(f"s3://{bucket}/train", max_samples=per_shard) as writer:
+    with ShardWriter(f"s3://{bucket}/train", max_samples=per_shard, s3=cfg) as writer:
         for sample in make_samples(count):
             writer.write(sample)
     return writer.pattern
@@ -33,22 +32,23 @@ def test_stream_reads_s3_shards_in_every_worker(s3_bucket, num_workers):
 def test_index_of_shards_already_on_s3(s3_bucket):
     bucket, cfg = s3_bucket
     pattern = write_s3_shards(bucket, cfg, count=40, per_shard=15)
-    s3.filesystem().rm(f"s3://{bucket}/train/index.json")
+    s3.filesystem(cfg).rm(f"s3://{bucket}/train/index.json")
     with pytest.raises(ValueError, match="no shard index"):
-        load_shards(pattern)
-    build_index(pattern, progress=False)
-    assert [s.num_samples for s in load_shards(pattern)] == [15, 15, 10]
+        load_shards(pattern, s3_cfg=cfg)
+    build_index(pattern, progress=False, s3_cfg=cfg)
+    assert [s.num_samples for s in load_shards(pattern, s3_cfg=cfg)] == [15, 15, 10]
 
 
 def test_a_new_process_reads_s3_through_webdataset_after_importing_labtrain(s3_bucket):
-    """The opener is registered on import, so any reading process (a Ray worker, say) has it."""
+    """The opener is registered on import, so any reading process (a Ray worker, say) has it; it reads the
+    store of the standard AWS variables."""
     bucket, cfg = s3_bucket
     pattern = write_s3_shards(bucket, cfg, count=20, per_shard=10)
     code = (
         "import webdataset as wds, labtrain.data\n"
         f"print(sum(1 for _ in wds.WebDataset({pattern!r}, shardshuffle=False)))\n"
     )
-    env_cfg = {"LABTRAIN_S3_CONFIG": cfg.model_dump_json()}
+    env_cfg = {"AWS_ENDPOINT_URL": cfg.endpoint_url}
     import os
 
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env_cfg}, timeout=120)
@@ -59,7 +59,7 @@ def test_a_new_process_reads_s3_through_webdataset_after_importing_labtrain(s3_b
 def test_transient_errors_are_retried_with_backoff(s3_bucket, monkeypatch, caplog):
     bucket, cfg = s3_bucket
     pattern = write_s3_shards(bucket, cfg, count=16, per_shard=16)
-    fs = s3.filesystem()
+    fs = s3.filesystem(cfg)
     real_open = fs.open
     failures = {"left": 2}
 
@@ -81,7 +81,7 @@ def test_transient_errors_are_retried_with_backoff(s3_bucket, monkeypatch, caplo
 def test_a_missing_s3_shard_is_not_retried_but_skipped(s3_bucket):
     bucket, cfg = s3_bucket
     pattern = write_s3_shards(bucket, cfg, count=32, per_shard=16)
-    s3.filesystem().rm(f"s3://{bucket}/train/shard-000001.tar")
+    s3.filesystem(cfg).rm(f"s3://{bucket}/train/shard-000001.tar")
     stream = DataStream(DataConfig(urls=pattern, batch_size=4, max_bad_shards=1, s3=cfg), rank=0, world_size=1)
     assert len(list(stream)) == 8
     assert stream.bad_shards == {f"s3://{bucket}/train/shard-000001.tar"}
@@ -91,7 +91,7 @@ def test_a_connection_lost_mid_shard_reopens_it_and_loses_no_sample(s3_bucket, m
     """The first read of a shard dies half-way through; the stream reopens it at the next sample."""
     bucket, cfg = s3_bucket
     pattern = write_s3_shards(bucket, cfg, count=32, per_shard=16)
-    fs = s3.filesystem()
+    fs = s3.filesystem(cfg)
     real_open = fs.open
     broken = {"left": 1}
 
@@ -130,15 +130,15 @@ def test_a_connection_lost_mid_shard_reopens_it_and_loses_no_sample(s3_bucket, m
     assert any("reopening" in r.getMessage() for r in caplog.records)
 
 
-def test_a_stream_reads_from_its_own_store_whatever_was_configured_since(s3_bucket):
-    """Two streams on two stores in one process: configuring the second must not redirect the first."""
+def test_a_stream_reads_from_its_own_store_whatever_another_stream_uses(s3_bucket, monkeypatch):
+    """Two streams on two stores in one process, with the AWS variables pointing at neither: each reads its own."""
     from labtrain.config import S3Config
 
     bucket, cfg = s3_bucket
     pattern = write_s3_shards(bucket, cfg, count=16, per_shard=8)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     stream = DataStream(DataConfig(urls=pattern, batch_size=4, s3=cfg), rank=0, world_size=1)
-    s3.configure(S3Config(endpoint_url="http://127.0.0.1:9", max_attempts=1))  # another stream's store, set later
-    try:
-        assert len([k for b in stream for k in b["__key__"]]) == 16 and stream.bad_shards == set()
-    finally:
-        s3.configure(cfg)
+    other = DataConfig(urls=pattern, batch_size=4, max_bad_shards=2, s3=S3Config(endpoint_url="http://127.0.0.1:9", max_attempts=1))
+    with pytest.raises((OSError, ValueError)):
+        DataStream(other, rank=0, world_size=1)  # the other store has no such index: it was asked, not ours
+    assert len([k for b in stream for k in b["__key__"]]) == 16 and stream.bad_shards == set()

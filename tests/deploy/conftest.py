@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, SHARED  # noqa: E402
+
 CHART = REPO / "helm" / "labtrain"
 CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
 NPM_PREFIX = REPO / ".cache" / "npm"

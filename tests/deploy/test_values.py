@@ -8,7 +8,6 @@ import json
 import shlex
 
 import pytest
-import yaml
 
 from tests.deploy.conftest import CHART, of_kind, one, render, render_error
 

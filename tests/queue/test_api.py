@@ -8,7 +8,7 @@ import sys
 import httpx
 import pytest
 
-from tests.queue.conftest import ADMIN_TOKEN, TOKENS, SLEEP_CONFIG
+from tests.queue.conftest import ADMIN_TOKEN, SLEEP_CONFIG, TOKENS
 
 LABTRAIN = [sys.executable, "-m", "labtrain.cli"]
 

@@ -51,7 +51,7 @@ def test_two_users_interleave_by_fair_share(make_server, ray_cluster):
 
 def test_gang_waits_while_short_jobs_backfill(make_server, ray_cluster):
     server = make_server(ray_cluster.dashboard_url)
-    alice, bob, admin = server.client("alice"), server.client("bob"), server.client("admin")
+    alice, admin = server.client("alice"), server.client("admin")
     first = submit(alice, {**server.sleep_spec("g-first", workers=2, steps=12, step_s=0.5), "time_limit_s": 60})
     wait_for(lambda: job_state(alice, first)["state"] == "RUNNING", 30, what="the first job to run")
     gang = submit(alice, {**server.sleep_spec("g-gang", workers=4), "time_limit_s": 60})  # needs all 4 CPUs: waits for `first`
@@ -137,7 +137,7 @@ def test_shapes_job_runs_through_the_queue_on_its_admitted_gang(make_server, ray
 
     server = make_server(ray_cluster.dashboard_url, extra_args=["--job-cwd", str(REPO)])
     alice = server.client("alice")
-    overrides = ["epochs=1", "synthetic.num_samples=128", "synthetic.samples_per_shard=64", "data.num_workers=0", "data.shuffle_buffer=0",
+    overrides = ["epochs=1", "synthetic.write=true", "synthetic.num_samples=128", "synthetic.samples_per_shard=64", "data.num_workers=0", "data.shuffle_buffer=0",
                  f"data.urls={tmp_path}/shapes/shard-{{000000..000001}}.tar", f"run.storage_path={tmp_path}/ckpt", "num_val_samples=64", "checkpoint_every=2"]
     jid = submit(alice, {"job": "jobs.shapes", "config": "jobs/shapes/configs/demo.yaml", "overrides": overrides,
                          "resources": {"workers": 2, "cpus_per_worker": 1}, "time_limit_s": 600})

@@ -8,6 +8,7 @@ import pytest
 from labtrain.queue import store as st
 from labtrain.queue.spec import JobSpec, Quota, UserEntry
 
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store(request, tmp_path):
     if request.param == "sqlite":

@@ -42,14 +42,14 @@ def probe_train(session: Session, cfg: ProbeConfig) -> None:
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=5, gamma=0.5)
-    model, optimizer, scheduler = session.prepare(model, optimizer, scheduler, batch_size=cfg.data.batch_size)
+    model, optimizer, scheduler = session.prepare(model, optimizer, scheduler)
     data = session.data(cfg.data)
     restored = session.restore(data)
     step = restored.step
     keys: list[str] = list(restored.extra.get("keys", []))
     restored_from = list(restored.extra.get("restored_from", [])) + ([step] if restored.resumed else [])
     losses: list[float] = list(restored.extra.get("losses", []))
-    param_sum = float(sum(p.detach().sum() for p in session.unwrap().parameters()))
+    param_sum = float(sum(p.detach().sum() for p in session.unwrap(model).parameters()))
     if restored.resumed and not (cfg.run.strategy == "deepspeed" and cfg.run.zero_stage == 3):  # ZeRO-3 params are partitioned
         expected = restored.extra.get("param_sum")
         assert expected is None or abs(expected - param_sum) < 1e-4, f"restored weights differ: {param_sum} vs {expected}"
@@ -58,21 +58,26 @@ def probe_train(session: Session, cfg: ProbeConfig) -> None:
     if cfg.run.strategy == "accelerate":
         info["num_processes"] = session.strategy.accelerator.num_processes
     if cfg.run.strategy == "deepspeed":
-        info["zero_stage"] = session.strategy.engine.zero_optimization_stage()
+        info["zero_stage"] = session.strategy.entries[0].wrapped.zero_optimization_stage()
 
     def extra() -> dict:
         return {
             "keys": keys, "restored_from": restored_from, "losses": losses, "info": info,
-            "param_sum": float(sum(p.detach().sum() for p in session.unwrap().parameters())),
+            "param_sum": float(sum(p.detach().sum() for p in session.unwrap(model).parameters())),
         }
 
     while data.epoch < cfg.epochs and (cfg.max_steps is None or step < cfg.max_steps):
         for batch in session.batches(data):
             x = batch["npy"].float() / 100.0
             loss = F.cross_entropy(model(x), batch["cls"])
-            losses.append(session.step(loss, num_samples=len(x)))
+            session.backward(loss, model=model)
+            optimizer.step()
+            optimizer.zero_grad()
+            scheduler.step()
+            losses.append(float(loss))
             keys.extend(batch["__key__"])
             step += 1
+            session.log(step, loss=loss)
             if cfg.step_sleep_s:
                 import time
 

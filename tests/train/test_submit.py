@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 def test_ray_job_submit_runs_the_shapes_job_to_the_end(ray_cluster):
     proc = ray_job_submit(ray_cluster, ["python", "-m", "jobs.shapes", "--config", "jobs/shapes/configs/demo.yaml", "run.name=submitted",
-                                        "epochs=1", "synthetic.num_samples=1024", "data.urls=submit/data/shard-{000000..000001}.tar"])
+                                        "epochs=1", "synthetic.write=true", "synthetic.num_samples=1024", "data.urls=submit/data/shard-{000000..000001}.tar"])
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
     assert "succeeded" in out
@@ -47,7 +47,7 @@ def test_labtrain_submit_goes_through_the_local_clusters_queue(ray_cluster, tmp_
     env |= {"LABTRAIN_CLUSTER_DIR": ray_cluster.spec.state_dir, "HOME": str(tmp_path)}  # no ~/.config/labtrain/queue.yaml
     labtrain = [sys.executable, "-m", "labtrain.cli"]
     proc = subprocess.run([*labtrain, "submit", "jobs/shapes/configs/demo.yaml", "--job", "jobs.shapes", "--workers", "2", "--follow", "run.name=queued",
-                           "epochs=1", "synthetic.num_samples=1024", "data.urls=queued/data/shard-{000000..000001}.tar"],
+                           "epochs=1", "synthetic.write=true", "synthetic.num_samples=1024", "data.urls=queued/data/shard-{000000..000001}.tar"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     job_id = proc.stdout.splitlines()[0].strip()

@@ -8,6 +8,7 @@ from labtrain.data import s3
 from labtrain.data.index import Shard, build_index, expand_urls, load_shards
 from labtrain.data.stages import DataError, webdataset_decoder
 from labtrain.data.stream import DataStream
+from labtrain.data.synthetic import local_shards_missing, require_shards
 from labtrain.data.writer import ShardWriter, write_shards
 
 s3.register()
@@ -20,6 +21,8 @@ __all__ = [
     "build_index",
     "expand_urls",
     "load_shards",
+    "local_shards_missing",
+    "require_shards",
     "webdataset_decoder",
     "write_shards",
 ]

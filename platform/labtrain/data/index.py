@@ -12,6 +12,7 @@ import os
 import posixpath
 import tarfile
 from dataclasses import dataclass
+
 import braceexpand
 from tqdm import tqdm
 
@@ -46,9 +47,9 @@ def _read_json(url: str, s3_cfg: S3Config | None = None) -> dict:
         return json.loads(stream.read())
 
 
-def write_index(url: str, entries: dict[str, dict[str, int]]) -> None:
+def write_index(url: str, entries: dict[str, dict[str, int]], s3_cfg: S3Config | None = None) -> None:
     payload = json.dumps({"version": 1, "shards": entries}, indent=1, sort_keys=True).encode()
-    with open_url(url, "wb") as stream:
+    with open_url(url, "wb", s3_cfg) as stream:
         stream.write(payload)
 
 
@@ -91,18 +92,18 @@ def count_samples(stream) -> int:
     return keys
 
 
-def _size(url: str) -> int:
+def _size(url: str, s3_cfg: S3Config | None) -> int:
     if url.startswith("s3://"):
-        return int(filesystem().size(url))
+        return int(filesystem(s3_cfg).size(url))
     return os.path.getsize(url)
 
 
-def build_index(pattern: str, index_url: str | None = None, *, progress: bool = True) -> dict[str, dict[str, int]]:
-    """Read every shard once and write ``index.json`` beside them (or at ``index_url``)."""
+def build_index(pattern: str, index_url: str | None = None, *, progress: bool = True, s3_cfg: S3Config | None = None) -> dict[str, dict[str, int]]:
+    """Read every shard once and write ``index.json`` beside them (or at ``index_url``); s3:// on ``s3_cfg``'s store."""
     entries: dict[str, dict[str, int]] = {}
     urls = expand_urls(pattern)
     for url in tqdm(urls, desc="indexing shards", unit="shard", disable=not progress):
-        with open_url(url, "rb") as stream:
-            entries[posixpath.basename(url)] = {"num_samples": count_samples(stream), "size_bytes": _size(url)}
-    write_index(index_url or default_index_url(pattern), entries)
+        with open_url(url, "rb", s3_cfg) as stream:
+            entries[posixpath.basename(url)] = {"num_samples": count_samples(stream), "size_bytes": _size(url, s3_cfg)}
+    write_index(index_url or default_index_url(pattern), entries, s3_cfg)
     return entries

@@ -2,15 +2,14 @@
 
 webdataset opens URLs through ``webdataset.gopen.gopen_schemes``, which has no ``s3`` entry. Importing
 ``labtrain.data`` registers :func:`gopen_s3` there, so every process that unpickles a labtrain pipeline
-(DataLoader workers, Ray workers) can read s3:// shards. Endpoint, credentials and region come from an
-:class:`~labtrain.config.S3Config` (set with :func:`configure`, which also exports it to child processes
-through the environment) or from the standard AWS variables.
+(DataLoader workers, Ray workers) can read s3:// shards; that opener uses the standard AWS variables.
+labtrain's own readers and writers take the :class:`~labtrain.config.S3Config` of the config they serve
+(``data.s3``, ``run.s3``): there is no process-wide S3 setting for one stream to overwrite another's.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import time
@@ -23,23 +22,9 @@ from labtrain.config import S3Config
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Child processes (DataLoader workers, Ray workers started from this one) read the settings from here.
-_ENV_KEY = "LABTRAIN_S3_CONFIG"
-
-
-def configure(cfg: S3Config) -> None:
-    """Use ``cfg`` for s3:// in this process and in every process it starts."""
-    os.environ[_ENV_KEY] = cfg.model_dump_json()
-
-
-def current_config() -> S3Config:
-    raw = os.environ.get(_ENV_KEY)
-    return S3Config.model_validate(json.loads(raw)) if raw else S3Config()
-
-
 def storage_options(cfg: S3Config | None = None) -> dict[str, Any]:
     """fsspec/s3fs keyword arguments for ``cfg``; unset fields are left to botocore's own lookup."""
-    cfg = cfg or current_config()
+    cfg = cfg or S3Config()
     options: dict[str, Any] = {}
     endpoint = cfg.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
@@ -55,7 +40,7 @@ def storage_options(cfg: S3Config | None = None) -> dict[str, Any]:
 
 
 def filesystem(cfg: S3Config | None = None):
-    """An s3fs filesystem for ``cfg`` (default: the configured settings). fsspec caches instances per
+    """An s3fs filesystem for ``cfg`` (default: the standard AWS environment variables). fsspec caches instances per
     process and drops them after a fork, so DataLoader workers get their own connections."""
     import s3fs
 
@@ -72,7 +57,7 @@ def is_transient(error: BaseException) -> bool:
 
 def with_retries(fn: Callable[[], T], *, what: str, cfg: S3Config | None = None) -> T:
     """Call ``fn``; on a transient error wait ``backoff_s * 2**attempt`` and try again, up to ``max_attempts``."""
-    cfg = cfg or current_config()
+    cfg = cfg or S3Config()
     for attempt in range(cfg.max_attempts):
         try:
             return fn()
@@ -86,7 +71,7 @@ def with_retries(fn: Callable[[], T], *, what: str, cfg: S3Config | None = None)
 
 
 def open_url(url: str, mode: str = "rb", cfg: S3Config | None = None) -> IO[bytes]:
-    """Open a local path or s3:// URL (on ``cfg``'s store, default: the configured one); s3 opens are
+    """Open a local path or s3:// URL (on ``cfg``'s store, default: the AWS environment's); s3 opens are
     retried on transient errors."""
     if url.startswith("s3://"):
         fs = filesystem(cfg)
@@ -102,7 +87,7 @@ def open_url(url: str, mode: str = "rb", cfg: S3Config | None = None) -> IO[byte
 
 
 def gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192) -> IO[bytes]:
-    """webdataset's opener signature for s3:// URLs."""
+    """webdataset's opener signature for s3:// URLs (the AWS environment's store)."""
     del bufsize  # s3fs buffers by block
     return open_url(url, mode)
 

@@ -27,8 +27,8 @@ from webdataset import autodecode
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from labtrain.config import S3Config
-from labtrain.data.index import Shard
 from labtrain.data import s3
+from labtrain.data.index import Shard
 from labtrain.data.s3 import open_url
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ def read_positions(ranges: Ranges, *, plan: EpochPlan, s3_cfg: S3Config | None =
     reopens the shard after a backoff and carries on at the next sample; a shard that fails for good
     yields ``__lost__`` markers for its remaining positions (and ``__bad_shard__`` once), so the stream
     keeps one sample per position."""
-    retry = s3_cfg or s3.current_config()
+    retry = s3_cfg or S3Config()
     for lo, hi in ranges:
         pos = lo
         while pos < hi:

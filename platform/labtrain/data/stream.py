@@ -95,9 +95,6 @@ class DataStream:
         world_size: int | None = None,
         metrics=None,
     ):
-        from labtrain.data import s3
-
-        s3.configure(cfg.s3)
         self.cfg = cfg
         self.rank = dist.rank() if rank is None else rank
         self.world_size = dist.world_size() if world_size is None else world_size

@@ -15,20 +15,23 @@ from typing import Any, Iterable
 import webdataset as wds
 from tqdm import tqdm
 
+from labtrain.config import S3Config
 from labtrain.data.index import INDEX_NAME, write_index
 from labtrain.data.s3 import open_url
 
 
 class ShardWriter:
-    """Writes ``<out>/<prefix>-000000.tar`` ... rolling over at ``target_bytes`` or ``max_samples``."""
+    """Writes ``<out>/<prefix>-000000.tar`` ... rolling over at ``target_bytes`` or ``max_samples``; an
+    s3:// ``out`` is written on ``s3``'s store (default: the standard AWS environment variables)."""
 
-    def __init__(self, out: str, *, prefix: str = "shard", target_bytes: int = 64 * 2**20, max_samples: int | None = None):
+    def __init__(self, out: str, *, prefix: str = "shard", target_bytes: int = 64 * 2**20, max_samples: int | None = None, s3: S3Config | None = None):
         if target_bytes <= 0:
             raise ValueError(f"target_bytes must be positive, got {target_bytes}")
         self.out = out.rstrip("/")
         self.prefix = prefix
         self.target_bytes = target_bytes
         self.max_samples = max_samples
+        self.s3 = s3 or S3Config()
         self.entries: dict[str, dict[str, int]] = {}
         self._buffer: io.BytesIO | None = None
         self._tar: wds.TarWriter | None = None
@@ -50,7 +53,7 @@ class ShardWriter:
             return
         self._tar.close()
         data = self._buffer.getvalue()
-        with open_url(posixpath.join(self.out, self._name), "wb") as stream:
+        with open_url(posixpath.join(self.out, self._name), "wb", self.s3) as stream:
             stream.write(data)
         self.entries[self._name] = {"num_samples": self._count, "size_bytes": len(data)}
         self._tar = self._buffer = None
@@ -69,7 +72,7 @@ class ShardWriter:
     def close(self) -> dict[str, dict[str, int]]:
         """Flush the last shard and write ``index.json``; returns the index entries."""
         self._close()
-        write_index(posixpath.join(self.out, INDEX_NAME), self.entries)
+        write_index(posixpath.join(self.out, INDEX_NAME), self.entries, self.s3)
         return self.entries
 
     @property

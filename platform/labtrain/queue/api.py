@@ -13,8 +13,8 @@ from typing import Any
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 
 from labtrain.queue import store as st
 from labtrain.queue.dispatcher import Dispatcher, RayJobs, crash_point
@@ -168,7 +168,7 @@ def create_app(settings: Settings, *, run_dispatcher: bool = True) -> FastAPI:
             try:
                 text = service.dispatcher.ray.logs(row["submission_id"])
             except Exception as error:
-                raise HTTPException(502, f"Ray's job API did not give the logs of {row['submission_id']}: {error}")
+                raise HTTPException(502, f"Ray's job API did not give the logs of {row['submission_id']}: {error}") from error
         return {"id": job_id, "state": row["state"], "submission_id": row["submission_id"], "logs": text}
 
     @app.get("/api/v1/jobs/{job_id}/logs/stream", response_class=StreamingResponse)
@@ -183,7 +183,7 @@ def create_app(settings: Settings, *, run_dispatcher: bool = True) -> FastAPI:
         try:
             found = await run_in_threadpool(ray.status, sid)
         except Exception as error:
-            raise HTTPException(502, f"Ray's job API did not answer for {sid}: {error}")
+            raise HTTPException(502, f"Ray's job API did not answer for {sid}: {error}") from error
         if found is None:
             raise HTTPException(502, f"Ray does not know {sid} yet")
 

@@ -26,10 +26,12 @@ from typing import Any, Callable, Sequence
 
 import ray
 from ray.experimental import internal_kv
-from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig as RayRunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, Result, ScalingConfig
+from ray.train import RunConfig as RayRunConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from labtrain.config import Config, RunConfig
+from labtrain.storage import checkpoint_storage
 from labtrain.train.session import Session
 
 TrainFn = Callable[[Session, Any], Any]
@@ -41,26 +43,25 @@ _KV_NAMESPACE = "labtrain_run_start"
 _PROPAGATED_ENV = ("TORCH_EXTENSIONS_DIR",)
 
 
-def _worker_main(payload: dict[str, Any]) -> None:
-    import logging
+def quiet_ray_train_reports() -> None:
+    """Ray Train 2.60 logs every ``ray.train.report`` as a multi-line ``TrainingReport(...)`` dump at INFO, on
+    every rank; the session's progress lines say what a person needs. Its logger is named by the file."""
+    from ray.train.v2._internal.execution import context, train_fn_utils
 
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    logging.getLogger(train_fn_utils.__name__).setLevel(logging.WARNING)  # local mode's "Reported metrics: ..."
+
+
+def _worker_main(payload: dict[str, Any]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    quiet_ray_train_reports()
     if payload.get("start_token"):  # tells the driver's start watchdog that the workers are up
         internal_kv._internal_kv_put(payload["start_token"], b"1", namespace=_KV_NAMESPACE)
     session = Session(payload["run"], kind=payload["kind"])
-    payload["fn"](session, payload["job"])
-
-
-def storage(cfg: RunConfig) -> tuple[str, Any]:
-    """(storage_path, storage_filesystem) for Ray Train; s3:// goes through s3fs with labtrain's settings."""
-    if not cfg.storage_path.startswith("s3://"):
-        return os.path.abspath(cfg.storage_path), None
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    from labtrain.data import s3
-
-    s3.configure(cfg.s3)
-    return cfg.storage_path[len("s3://"):], PyFileSystem(FSSpecHandler(s3.filesystem()))
+    try:
+        payload["fn"](session, payload["job"])
+    finally:
+        session.close()
 
 
 def worker_env(cfg: RunConfig) -> dict[str, str]:
@@ -71,7 +72,7 @@ def worker_env(cfg: RunConfig) -> dict[str, str]:
 
 
 def make_trainer(train_fn: TrainFn, job_cfg: Config, run_cfg: RunConfig, *, kind: str, start_token: str | None = None, callbacks: Sequence[Any] = ()) -> TorchTrainer:
-    storage_path, storage_filesystem = storage(run_cfg)
+    storage_path, storage_filesystem = checkpoint_storage(run_cfg)
     resources = {"CPU": run_cfg.cpus_per_worker, **run_cfg.resources_per_worker}
     if run_cfg.gpus_per_worker:
         resources["GPU"] = run_cfg.gpus_per_worker

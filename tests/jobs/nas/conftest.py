@@ -9,6 +9,7 @@ import pytest
 from jobs.nas.config import NasConfig
 from labtrain.config import build_config
 from tests.conftest import SHARED
+
 NB201_TABLE = SHARED / "data" / "nas-bench-201" / "cifar10.csv"
 
 
@@ -44,7 +45,7 @@ def live_config(tmp_path: Path, *, space: dict, name: str, budget: int, video: b
             "train": {"urls": str(data / "train" / "shard-{000000..000002}.tar"), "batch_size": 16},
             "val": {"urls": str(data / "val" / "shard-{000000..000001}.tar"), "batch_size": 32},
             "input": {"num_classes": 4, "channels": 1 if video else 3, "image_size": 8, "num_frames": 3, "noise": 0.5,
-                      "num_train_samples": 96, "num_val_samples": 64, "samples_per_shard": 32},
+                      "num_train_samples": 96, "num_val_samples": 64, "samples_per_shard": 32, "write_synthetic": True},
             "epochs": 3,
         },
         "search": {"methods": ["weaknas"], "budget": budget, "weaknas": weaknas, **search},

@@ -136,6 +136,7 @@ def test_ray_job_submit_runs_a_video_search_and_the_node_exporter_serves_its_met
         "evaluator.input.num_val_samples=32", "evaluator.input.samples_per_shard=32", "evaluator.epochs=1",
         "evaluator.train.urls=nas-submit/train/shard-{000000..000001}.tar", "evaluator.train.batch_size=16",
         "evaluator.val.urls=nas-submit/val/shard-{000000..000000}.tar", "evaluator.val.batch_size=16", "trials.max_concurrent=2",
+        "evaluator.input.write_synthetic=true",
     ]
     proc = ray_job_submit(ray_cluster, ["python", "-m", "jobs.nas", "--config", "jobs/nas/configs/x3d_live.yaml", *overrides])
     out = proc.stdout + proc.stderr

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from jobs.nas.config import Nb201SpaceConfig, X3dSpaceConfig
-from jobs.nas.data import write_missing_corpus
+from jobs.nas.data import require_corpus
 from jobs.nas.evaluate import TrainEvaluator
 from jobs.nas.model import SpaceError, build_network, check_space
 from jobs.nas.space import Nb201Space, X3dSpace
@@ -42,8 +42,7 @@ def test_a_space_that_cannot_build_a_network_for_the_input_is_refused():
 
 def test_live_training_scores_a_convolutional_cell_above_an_empty_one(tmp_path):
     cfg = live_config(tmp_path, space={"kind": "nb201", "channels": 4, "cells_per_stage": 1}, name="m", budget=1)
-    write_missing_corpus(cfg.evaluator, video=False)
-    evaluator = TrainEvaluator(cfg.space, cfg.evaluator)
+    evaluator = TrainEvaluator(cfg.space, require_corpus(cfg.evaluator, video=False))
     conv, empty = evaluator.evaluate(CONV), evaluator.evaluate(EMPTY)
     assert conv >= 0.5  # 4 classes
     assert empty <= conv - 0.2  # no path from the input to the classifier: one class for everything
@@ -52,6 +51,5 @@ def test_live_training_scores_a_convolutional_cell_above_an_empty_one(tmp_path):
 
 def test_live_training_of_a_video_network_returns_an_accuracy(tmp_path):
     cfg = live_config(tmp_path, space={"kind": "x3d", "num_stages": 2, "widths": [4, 8]}, name="v", budget=1, video=True)
-    write_missing_corpus(cfg.evaluator, video=True)
-    accuracy = TrainEvaluator(cfg.space, cfg.evaluator).evaluate("|r21d,w8,e2,se|x3d,w8,e1,none|")
+    accuracy = TrainEvaluator(cfg.space, require_corpus(cfg.evaluator, video=True)).evaluate("|r21d,w8,e2,se|x3d,w8,e1,none|")
     assert 0.0 <= accuracy <= 1.0

@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from jobs.vatt.evaluate import auroc, conflict_auroc, retrieval
+from jobs.vatt.evaluate import add_scores, auroc, conflict_auroc, merge_scores, retrieval
 
 
 def test_auroc_counts_ties_half():
@@ -14,13 +14,17 @@ def test_auroc_counts_ties_half():
 def test_conflict_auroc_averages_each_triplets_measurements_over_epochs():
     """One measurement per epoch is noisy; the mean over a triplet's epochs separates where each epoch alone does not."""
     rng = np.random.default_rng(0)
-    rows = []
+    ranks = [{}, {}]
     flags = rng.random(400) < 0.3
+    keys = [f"k{i}" for i in range(400)]
     for epoch in range(8):
-        noise = rng.normal(0, 1.0, 400)
-        for i in range(400):
-            rows.append([epoch, f"k{i}", float(-0.4 * flags[i] + noise[i]), int(flags[i])])
-    report = conflict_auroc(rows, last_epoch=7)
+        cos = -0.5 * flags + rng.normal(0, 1.0, 400)
+        order = rng.permutation(400)  # each epoch the triplets fall on other ranks
+        for rank, part in enumerate(np.array_split(order, 2)):
+            add_scores(ranks[rank], epoch, [keys[i] for i in part], cos[part].tolist(), flags[part].astype(int).tolist())
+    scores = merge_scores(ranks)
+    assert all(len(s) <= 400 for s in ranks)  # bounded by the triplets, not epochs x triplets
+    report = conflict_auroc(scores, last_epoch=7)
     assert report["conflict_auroc_samples"] == 400
     assert report["conflict_auroc_last_epoch"] < 0.7
     assert report["conflict_auroc"] > 0.8

@@ -20,7 +20,7 @@ from tests.conftest import REPO
 TINY = REPO / "jobs/vatt/configs/tiny.yaml"
 SMALL = ["model.frame_size=8", "model.video_patch=[2, 4]", "model.num_frames=4", "model.audio_samples=256", "model.audio_patch=32",
          "model.d_model=32", "model.d_ff=64", "synthetic.num_samples=128", "synthetic.samples_per_shard=32", "eval.num_samples=64",
-         "data.batch_size=16", "epochs=1", "checkpoint_every=2", "log_every=2", "eval.probe_steps=20"]
+         "data.batch_size=16", "epochs=1", "checkpoint_every=2", "log_every=2", "eval.probe_steps=20", "synthetic.write=true"]
 
 
 def test_sizes_that_do_not_fit_are_refused_with_the_reason():
@@ -43,7 +43,7 @@ def test_the_corpus_plants_the_misaligned_share():
 def test_bad_triplets_are_skipped_by_name_and_counted(tmp_path, caplog):
     model = ModelConfig(frame_size=8, video_patch=(2, 4))
     good = list(vatt_data.samples(SyntheticConfig(num_samples=29, misaligned=0.0), model))
-    no_audio = dict(good[3]); del no_audio["audio.npy"]
+    no_audio = {k: v for k, v in good[3].items() if k != "audio.npy"}
     wrong_shape = dict(good[7], **{"video.npy": np.zeros((2, 8, 8, 3), np.uint8)})
     empty_text = dict(good[11], **{"text.npy": np.zeros(model.text_len, np.int16)})
     samples = good[:3] + [no_audio] + good[4:7] + [wrong_shape] + good[8:11] + [empty_text] + good[12:]
