@@ -75,8 +75,8 @@ def cmd_cluster_up(args) -> int:
         console.print(f"  node{node} metrics: http://127.0.0.1:{port}/metrics")
     if state.queue_url:
         console.print(f"  lab queue: {state.queue_url} (page and /docs; your token is in {Path(spec.state_dir) / cluster.QUEUE_CLIENT_FILE})")
-        console.print("submit with: labtrain submit jobs/shapes/configs/demo.yaml --job jobs.shapes --workers 2 --follow")
-    console.print(f"or directly: RAY_ADDRESS={state.dashboard_url} ray job submit --working-dir . -- python -m jobs.shapes --config jobs/shapes/configs/demo.yaml")
+        console.print("submit with: labtrain submit jobs/shapes/configs/demo.yaml --job jobs.shapes --workers 2 --follow synthetic.write=true")
+    console.print(f"or directly: RAY_ADDRESS={state.dashboard_url} ray job submit --working-dir . -- python -m jobs.shapes --config jobs/shapes/configs/demo.yaml synthetic.write=true")
     return 0
 
 

@@ -120,10 +120,14 @@ def _declared_metrics() -> set[str]:
     for path in sources:
         text = path.read_text()
         names |= set(re.findall(r'"(labtrain_[a-z_]+)"', text))
-        # jobs/vatt/train.py: gauge(f"labtrain_vatt_{name}", ...) for name in ("loss_va", ...)
-        for prefix in re.findall(r'f"(labtrain_[a-z]+_)\{name\}"', text):
-            for group in re.findall(r"for name in \(([^)]*)\)", text):
-                names |= {prefix + n for n in re.findall(r'"([a-z_]+)"', group)}
+    # A job's own signals: session.log(step, name=...) in jobs/<kind>/train.py, directly or through a `signals`
+    # dict, become the gauge labtrain_<kind>_<name> (labtrain.train.logger).
+    for train in REPO.glob("jobs/*/train.py"):
+        kind, logged = train.parent.name, set()
+        for line in train.read_text().splitlines():
+            if "signals" in line or "session.log(" in line:
+                logged |= set(re.findall(r'"([a-z_]+)": ', line)) | set(re.findall(r"\b([a-z_]+)=", line))
+        names |= {f"labtrain_{kind}_{n}" for n in logged - {"loss"}}
     return names
 
 

@@ -42,7 +42,8 @@ def probe_train(session: Session, cfg: ProbeConfig) -> None:
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=5, gamma=0.5)
-    model, optimizer, scheduler = session.prepare(model, optimizer, scheduler)
+    ema = _model()  # carried, not trained: the session checkpoints it
+    (model, optimizer, scheduler), (ema,) = session.prepare((model, optimizer, scheduler), (ema,))
     data = session.data(cfg.data)
     restored = session.restore(data)
     step = restored.step
@@ -53,6 +54,9 @@ def probe_train(session: Session, cfg: ProbeConfig) -> None:
     if restored.resumed and not (cfg.run.strategy == "deepspeed" and cfg.run.zero_stage == 3):  # ZeRO-3 params are partitioned
         expected = restored.extra.get("param_sum")
         assert expected is None or abs(expected - param_sum) < 1e-4, f"restored weights differ: {param_sum} vs {expected}"
+    if restored.resumed:
+        ema_sum = float(sum(p.sum() for p in ema.parameters()))
+        assert abs(restored.extra["ema_sum"] - ema_sum) < 1e-4, f"restored EMA differs: {ema_sum} vs {restored.extra['ema_sum']}"
 
     info = {"world_size": dist.world_size(), "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
     if cfg.run.strategy == "accelerate":
@@ -64,6 +68,7 @@ def probe_train(session: Session, cfg: ProbeConfig) -> None:
         return {
             "keys": keys, "restored_from": restored_from, "losses": losses, "info": info,
             "param_sum": float(sum(p.detach().sum() for p in session.unwrap(model).parameters())),
+            "ema_sum": float(sum(p.sum() for p in ema.parameters())),
         }
 
     while data.epoch < cfg.epochs and (cfg.max_steps is None or step < cfg.max_steps):
@@ -74,6 +79,10 @@ def probe_train(session: Session, cfg: ProbeConfig) -> None:
             optimizer.step()
             optimizer.zero_grad()
             scheduler.step()
+            with torch.no_grad():
+                for e, p in zip(ema.parameters(), session.unwrap(model).parameters()):
+                    if p.shape == e.shape:  # not under ZeRO-3, whose parameters live partitioned
+                        e.lerp_(p, 0.1)
             losses.append(float(loss))
             keys.extend(batch["__key__"])
             step += 1

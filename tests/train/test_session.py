@@ -1,0 +1,72 @@
+"""The session's API in one process: precision, what prepare returns, and mistakes it refuses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from labtrain.config import RunConfig
+from labtrain.train import Session
+
+
+def net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "accelerate"])
+def test_bf16_runs_the_forward_under_autocast_and_keeps_fp32_weights_and_outputs(strategy):
+    session = Session(RunConfig(num_workers=1, strategy=strategy, precision="bf16", tensorboard=False), kind="test")
+    module = net()
+    seen = []
+    module[0].register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    model, optimizer = session.prepare(module, torch.optim.SGD(module.parameters(), lr=0.1))
+    before = module[0].weight.detach().clone()
+    out = model(torch.randn(5, 4))
+    assert seen == [torch.bfloat16]
+    loss = F.cross_entropy(out.float(), torch.zeros(5, dtype=torch.long))
+    session.backward(loss, model=model)
+    optimizer.step()
+    assert session.unwrap(model)[0].weight.dtype == torch.float32 and not torch.equal(session.unwrap(model)[0].weight, before)
+
+
+def test_fp32_is_the_default_and_has_no_autocast():
+    session = Session(RunConfig(num_workers=1, tensorboard=False), kind="test")
+    module = net()
+    model, _, _ = session.prepare(module, torch.optim.SGD(module.parameters(), lr=0.1), None)
+    assert model(torch.randn(3, 4)).dtype == torch.float32 and model is module
+
+
+def test_prepare_returns_one_tuple_per_group_and_refuses_mistakes():
+    session = Session(RunConfig(num_workers=1, tensorboard=False), kind="test")
+    g, d, ema = net(), net(), net()
+    (g2, g_opt), (d2, d_opt, d_sched), (ema2,) = session.prepare(
+        (g, torch.optim.SGD(g.parameters(), lr=0.1)), (d, torch.optim.SGD(d.parameters(), lr=0.1), None), (ema,))
+    assert d_sched is None and ema2 is ema
+    with pytest.raises(ValueError, match="prepared 2 trained models: name the one meant with model="):
+        session.backward(g2(torch.randn(2, 4)).sum())
+    with pytest.raises(ValueError, match="was prepared without an optimizer"):
+        session.backward(ema2(torch.randn(2, 4)).sum(), model=ema2)
+    with pytest.raises(ValueError, match="was not prepared by this session"):
+        session.backward(g2(torch.randn(2, 4)).sum(), model=net())
+    with pytest.raises(RuntimeError, match="already called"):
+        session.prepare(net(), torch.optim.SGD(net().parameters(), lr=0.1))
+
+
+def test_accumulation_steps_the_optimizer_and_scheduler_every_nth_batch_only():
+    session = Session(RunConfig(num_workers=1, accumulate_batches=3, tensorboard=False), kind="test")
+    module = net()
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    model, optimizer, scheduler = session.prepare(module, optimizer, torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5))
+    weights = []
+    for x in session.batches([torch.randn(2, 4) for _ in range(6)]):
+        session.backward(model(x).sum(), model=model)
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+        weights.append(module[0].weight.detach().clone())
+    changed = [not torch.equal(a, b) for a, b in zip(weights, weights[1:])]
+    assert changed == [False, True, False, False, True]  # batches 3 and 6 end an optimizer step
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**2)
