@@ -96,22 +96,22 @@ class BenchConfig(Config):
 
 
 def labtrain_train(session, cfg: BenchConfig) -> None:
-    """In the one worker process, alternate blocks of bare steps and of labtrain steps, for one model and
-    for two models stepped in turn."""
+    """In the one worker process, alternate blocks of bare steps and of labtrain steps, for one model and for
+    two models stepped in turn. Both loops step the same modules and optimizers (the bare loop the plain
+    ones under the session's wrappers), so memory placement cannot tell them apart: only the session's code."""
     torch.set_num_threads(1)
-    models, optimizers = plain(3)
-    prepared = session.prepare((models[0], optimizers[0]), (models[1], optimizers[1]), (models[2], optimizers[2]))
-    one = ([prepared[0][0]], [prepared[0][1]])
-    two = ([prepared[1][0], prepared[2][0]], [prepared[1][1], prepared[2][1]])
-    bare_one, bare_two = plain(1), plain(2)
+    models, optimizers = plain(2)
+    prepared = session.prepare((models[0], optimizers[0]), (models[1], optimizers[1]))
+    bare = {"one": (models[:1], optimizers[:1]), "two": (models, optimizers)}
+    ours = {"one": ([prepared[0][0]], [prepared[0][1]]), "two": ([p[0] for p in prepared], [p[1] for p in prepared])}
     times: dict[str, list[float]] = {"bare": [], "labtrain": [], "bare_two": [], "labtrain_two": []}
     warm = cfg.num_steps // 10
     step = 0
     for _ in range(cfg.rounds):
-        times["bare"] += bare_loop(*bare_one, batches(cfg.num_steps))[warm:]
-        times["labtrain"] += labtrain_loop(session, *one, batches(cfg.num_steps), step)[warm:]
-        times["bare_two"] += bare_loop(*bare_two, batches(cfg.num_steps))[warm:]
-        times["labtrain_two"] += labtrain_loop(session, *two, batches(cfg.num_steps), step)[warm:]
+        times["bare"] += bare_loop(*bare["one"], batches(cfg.num_steps))[warm:]
+        times["labtrain"] += labtrain_loop(session, *ours["one"], batches(cfg.num_steps), step)[warm:]
+        times["bare_two"] += bare_loop(*bare["two"], batches(cfg.num_steps))[warm:]
+        times["labtrain_two"] += labtrain_loop(session, *ours["two"], batches(cfg.num_steps), step)[warm:]
         step += cfg.num_steps
     with open(cfg.out, "w") as f:
         json.dump(times, f)

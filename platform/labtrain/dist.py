@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-import torch
 import torch.distributed as torch_dist
 
 
@@ -32,15 +31,6 @@ def is_main() -> bool:
 def barrier() -> None:
     if is_initialized():
         torch_dist.barrier()
-
-
-def all_reduce_sum(value: float) -> float:
-    """Sum a Python number over ranks (a no-op without a process group)."""
-    if not is_initialized():
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64)
-    torch_dist.all_reduce(tensor)
-    return float(tensor.item())
 
 
 def all_gather_object(obj):

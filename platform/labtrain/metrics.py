@@ -55,7 +55,7 @@ class TrainMetrics:
     LABELS = ("job", "kind", "rank")
 
     def __init__(self, *, job: str, kind: str, rank: int, registry: CollectorRegistry | None = None):
-        self.multiprocess = _multiprocess_values()
+        _multiprocess_values()
         self.registry = registry or CollectorRegistry(auto_describe=True)
         self._labels = {"job": job, "kind": kind, "rank": str(rank)}
         labels = self.LABELS

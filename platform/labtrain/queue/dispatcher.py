@@ -111,7 +111,6 @@ class Dispatcher:
         self._capacity: tuple[float, float, float] | None = tuple(
             settings.capacity.get(k, 0.0) for k in ("CPU", "GPU", "memory")) if settings.capacity else None
         self._capacity_at = -float("inf")
-        self.last_plan = None
         self._missing: dict[str, int] = {}  # submission id -> consecutive cycles Ray said it has no such job
         self._wake = threading.Event()
 
@@ -151,7 +150,6 @@ class Dispatcher:
         if capacity is None or self.ray is None:
             return
         result = plan(capacity=capacity, users=users, groups=groups, running=running, waiting=waiting, now=now, preemption=s.preemption)
-        self.last_plan = result
         for job_id in result.preempt:
             if self.store.transition(job_id, [st.RUNNING], st.PREEMPTING, message=f"preempted for {result.head}"):
                 self.metrics.preemptions.inc()

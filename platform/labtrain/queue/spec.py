@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
 from labtrain.config import Config, ConfigError, build_config
 
@@ -119,13 +119,3 @@ class Settings(Config):
     job_cwd: str | None = Field(None, description="Directory the job entrypoints run in (the checkout on the cluster); None: Ray's default.")
     capacity: dict[str, float] | None = Field(None, description="Fixed capacity {CPU, GPU, memory}; None reads it from the Ray cluster.")
     preemption: bool = Field(True, description="Let waiting higher-priority jobs stop lower-priority running ones.")
-
-
-def validate_spec(data: dict[str, Any], job_pattern: str) -> JobSpec:
-    """A JobSpec or ValidationError; the job module must match the service's pattern."""
-    spec = JobSpec.model_validate(data)
-    if not re.fullmatch(job_pattern, spec.job):
-        raise ValidationError.from_exception_data(
-            "JobSpec", [{"type": "value_error", "loc": ("job",), "input": spec.job, "ctx": {"error": ValueError(f"job {spec.job!r} is not a job module this queue runs (pattern {job_pattern})")}}]
-        )
-    return spec

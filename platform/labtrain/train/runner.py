@@ -44,12 +44,14 @@ _PROPAGATED_ENV = ("TORCH_EXTENSIONS_DIR",)
 
 
 def quiet_ray_train_reports() -> None:
-    """Ray Train 2.60 logs every ``ray.train.report`` as a multi-line ``TrainingReport(...)`` dump at INFO, on
-    every rank; the session's progress lines say what a person needs. Its logger is named by the file."""
-    from ray.train.v2._internal.execution import context, train_fn_utils
+    """Ray Train 2.60 logs every ``ray.train.report`` as a multi-line ``TrainingReport(...)`` dump at INFO, and
+    every checkpoint once per rank; the session's progress lines and its one checkpoint line (rank 0) say what
+    a person needs. The first logger is named by the file."""
+    from ray.train.v2._internal.execution import context, storage, train_fn_utils
 
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
     logging.getLogger(train_fn_utils.__name__).setLevel(logging.WARNING)  # local mode's "Reported metrics: ..."
+    logging.getLogger(storage.__name__).setLevel(logging.WARNING)  # "Checkpoint successfully created" from every rank
 
 
 def _worker_main(payload: dict[str, Any]) -> None:

@@ -46,7 +46,7 @@ import ray.train
 import torch
 from torch import nn
 
-from labtrain import dist
+from labtrain import dist, storage
 from labtrain.config import DataConfig, RunConfig
 from labtrain.data import DataStream
 from labtrain.metrics import TrainMetrics
@@ -289,6 +289,7 @@ class Session:
             last = {name: float(value.detach()) if torch.is_tensor(value) else value for name, value in self._last_scalars.items()}
             report = {"step": step, **last, **(metrics or {})}
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(path))
+        self.info("checkpoint at step %d (%s)", step, storage.run_dir(self.cfg))
 
     def report(self, metrics: dict[str, Any]) -> None:
         """Report metrics without a checkpoint (all ranks call this)."""
