@@ -6,7 +6,6 @@ Run the same command again to continue a stopped search; SIGTERM or Ctrl-C stops
 
 from __future__ import annotations
 
-import argparse
 import logging
 import signal
 import sys
@@ -17,16 +16,34 @@ from jobs.nas.model import SpaceError
 from jobs.nas.run import StateError, prepare, run_search
 from jobs.nas.table import TableError
 from labtrain.config import ConfigError, load_config
+from labtrain.launch import job_arguments
+
+
+def gang_overrides(args) -> list[str]:
+    """The queue's gang as the search's trials: ``--workers`` concurrent trials with the resources of one
+    worker each (they run inside the gang the queue reserved), ``--name`` the search's name."""
+    extra = []
+    if args.workers is not None:
+        extra.append(f"trials.max_concurrent={args.workers}")
+    if args.cpus_per_worker is not None:
+        extra.append(f"trials.cpus_per_trial={args.cpus_per_worker:g}")
+    if args.gpus_per_worker is not None:
+        extra.append(f"trials.gpus_per_trial={args.gpus_per_worker:g}")
+    if args.memory_gb_per_worker is not None:
+        extra.append(f"trials.resources_per_trial={{memory: {int(args.memory_gb_per_worker * 2**30)}}}")
+    if args.name is not None and not any(o.startswith("name=") for o in args.overrides):
+        extra.append(f"name={args.name}")
+    return [*args.overrides, *extra]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.nas", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML config file")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
-    args = parser.parse_args(argv)
+    args = job_arguments("python -m jobs.nas", __doc__).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        cfg = load_config(NasConfig, args.config, args.overrides)
+        cfg = load_config(NasConfig, args.config, gang_overrides(args))
+        if args.check:
+            print(f"ok: NasConfig from {args.config} is valid", flush=True)
+            return 0
         prep = prepare(cfg)  # the table, the space and any saved state are checked before a trial starts
     except (ConfigError, TableError, SpaceError, StateError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 console = Console(stderr=True)
 
@@ -121,13 +123,36 @@ def _queue_cmd(fn):
         try:
             return fn(args)
         except QueueError as error:
-            console.print(f"[red]error:[/red] {error}", highlight=False)
+            console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)  # the message's own [brackets] stay
             return error.exit_code
 
     return run
 
 
+def _check_job(args) -> None:
+    """Validate the job here, with the job's own code (``python -m <job> --config ... --check``, the same
+    checks it makes at start, short of reading its data), before it waits in the queue."""
+    from labtrain.queue.client import QueueError
+
+    gang = ["--workers", str(args.workers), "--cpus-per-worker", f"{args.cpus_per_worker:g}", "--gpus-per-worker", f"{args.gpus_per_worker:g}"]
+    if args.memory_gb_per_worker is not None:
+        gang += ["--memory-gb-per-worker", f"{args.memory_gb_per_worker:g}"]
+    cmd = [sys.executable, "-m", args.job, "--config", args.config, *args.overrides, *gang, "--check"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if proc.returncode == 0:
+        return
+    err = proc.stderr.strip()
+    if proc.returncode == 1 and "No module named" in err:
+        raise QueueError(f"--job {args.job}: no such job module here (jobs are python -m modules such as jobs.shapes; run submit from the checkout the jobs run in)")
+    lines = err.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("error:")), max(len(lines) - 5, 0))
+    text = "\n".join(lines[start:]).removeprefix("error: ")
+    raise QueueError(f"{text}\n(checked with `python -m {args.job} ... --check`; nothing was queued)")
+
+
 def cmd_submit(args) -> int:
+    if not args.no_check:
+        _check_job(args)
     spec = {
         "job": args.job, "config": args.config, "overrides": args.overrides, "priority": args.priority,
         "resources": {"workers": args.workers, "cpus_per_worker": args.cpus_per_worker, "gpus_per_worker": args.gpus_per_worker},
@@ -255,8 +280,17 @@ def cmd_users_list(args) -> int:
     return 0
 
 
+def _limit(kind):
+    def parse(text: str):
+        return None if text.lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error
+    return parse
+
+
 def _quota(args) -> dict:
-    return {"cpus": args.cpus, "gpus": args.gpus, "jobs": args.jobs}
+    """The quotas named on the command line only (a set-quota changes just those)."""
+    return {k: getattr(args, k) for k in ("cpus", "gpus", "jobs") if hasattr(args, k)}
 
 
 def cmd_users_add(args) -> int:
@@ -270,8 +304,9 @@ def cmd_users_add(args) -> int:
 def cmd_users_set_quota(args) -> int:
     body = {"quotas": _quota(args), "share": args.share}
     path = f"/api/v1/groups/{args.name}/quota" if args.group_quota else f"/api/v1/users/{args.name}/quota"
-    _queue_client(args).request("PUT", path, json=body)
-    console.print(f"{'group' if args.group_quota else 'user'} {args.name}: quota {_quota(args)}")
+    answer = _queue_client(args).request("PUT", path, json=body)
+    quotas = {k: answer[k] for k in ("cpus", "gpus", "jobs")}
+    console.print(f"{'group' if args.group_quota else 'user'} {args.name}: quota {quotas}", highlight=False)
     return 0
 
 
@@ -292,6 +327,7 @@ def add_queue_parsers(sub) -> None:
     s.add_argument("--priority", default="normal", help="low, normal or high")
     s.add_argument("--time-limit", default=None, help="e.g. 3600, 90m, 12h, 1d, 01:30:00")
     s.add_argument("-f", "--follow", action="store_true", help="then print its log until it ends; exit 0 only if it succeeded")
+    s.add_argument("--no-check", action="store_true", help="queue without running the job's own config check here first")
     s.set_defaults(fn=_queue_cmd(cmd_submit))
 
     q = sub.add_parser("queue", parents=[common], help="the queue, like squeue")
@@ -311,9 +347,10 @@ def add_queue_parsers(sub) -> None:
     for name, fn in (("add", cmd_users_add), ("set-quota", cmd_users_set_quota)):
         u = users.add_parser(name, parents=[common])
         u.add_argument("name")
-        u.add_argument("--cpus", type=float, default=None, help="CPU quota (default: none)")
-        u.add_argument("--gpus", type=float, default=None, help="GPU quota")
-        u.add_argument("--jobs", type=int, default=None, help="concurrent jobs quota")
+        # Not given: left as it is (set-quota) or no limit (add); 'none' removes a limit.
+        u.add_argument("--cpus", type=_limit(float), default=argparse.SUPPRESS, help="CPU quota, or none")
+        u.add_argument("--gpus", type=_limit(float), default=argparse.SUPPRESS, help="GPU quota, or none")
+        u.add_argument("--jobs", type=_limit(int), default=argparse.SUPPRESS, help="concurrent jobs quota, or none")
         if name == "add":
             u.add_argument("--group", default="default")
             u.add_argument("--share", type=float, default=1.0)

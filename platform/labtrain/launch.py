@@ -1,4 +1,11 @@
-"""What every job's ``__main__`` does: parse the config, refuse a bad one, then hand it to the runner."""
+"""What every job's ``__main__`` does: parse the config, refuse a bad one, then hand it to the runner.
+
+Every job's command line is also the contract with the lab queue: ``--config FILE [key.sub=value ...]``, the
+gang the queue admitted (``--workers``, ``--cpus-per-worker``, ``--gpus-per-worker``, ``--memory-gb-per-worker``),
+a default ``--name`` (the queue's job id) and ``--check``, which validates everything that can be validated
+without the data and starts nothing. Each job maps the gang onto its own config: a Ray Train job onto
+``run.*`` (:func:`trainer_overrides`), the NAS search onto its trials.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,37 @@ from labtrain import storage
 from labtrain.config import Config, DataConfig, RunConfig, load_config
 
 C = TypeVar("C", bound=Config)
+
+
+def job_arguments(prog: str, description: str | None) -> argparse.ArgumentParser:
+    """The command line every job takes (see the module docstring)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    gang = parser.add_argument_group("the gang (what the lab queue admitted; each job maps it onto its config)")
+    gang.add_argument("--workers", type=int, default=None, help="workers, or concurrent trials")
+    gang.add_argument("--cpus-per-worker", type=float, default=None)
+    gang.add_argument("--gpus-per-worker", type=float, default=None)
+    gang.add_argument("--memory-gb-per-worker", type=float, default=None)
+    gang.add_argument("--name", default=None, help="the run's name unless an override sets it (the queue passes its job id)")
+    parser.add_argument("--check", action="store_true", help="validate the config, overrides and gang, start nothing; exit 0 or 2")
+    return parser
+
+
+def trainer_overrides(args: argparse.Namespace) -> list[str]:
+    """The gang of ``args`` as a Ray Train job's ``run.*`` overrides, after the user's (so it wins)."""
+    extra = []
+    if args.workers is not None:
+        extra.append(f"run.num_workers={args.workers}")
+    if args.cpus_per_worker is not None:
+        extra.append(f"run.cpus_per_worker={args.cpus_per_worker:g}")
+    if args.gpus_per_worker is not None:
+        extra.append(f"run.gpus_per_worker={args.gpus_per_worker:g}")
+    if args.memory_gb_per_worker is not None:
+        extra.append(f"run.resources_per_worker={{memory: {int(args.memory_gb_per_worker * 2**30)}}}")
+    if args.name is not None and not any(o.startswith("run.name=") for o in args.overrides):
+        extra.append(f"run.name={args.name}")
+    return [*args.overrides, *extra]
 
 
 def check_data(cfg: Config, run_cfg: RunConfig) -> None:
@@ -39,15 +77,17 @@ def job_main(
     (the job's own checks, e.g. that its shards exist), check the data and what the strategy must carry
     (``num_models`` trained models, ``shared_parameters`` between them), run; exit status. Every refusal
     happens here, before Ray starts, with status 2."""
-    parser = argparse.ArgumentParser(prog=f"python -m jobs.{kind}", description=description)
-    parser.add_argument("--config", required=True, help="YAML config file")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
-    args = parser.parse_args(argv)
+    args = job_arguments(f"python -m jobs.{kind}", description).parse_args(argv)
     from labtrain.data.stages import DataError
     from labtrain.train.strategies import check_support
 
     try:
-        cfg = storage.resolve_paths(load_config(cls, args.config, args.overrides))
+        cfg = storage.resolve_paths(load_config(cls, args.config, trainer_overrides(args)))
+        if args.check:  # what can be refused without the data (the queue's submit-time check)
+            run_cfg = next(value for _, value in cfg if isinstance(value, RunConfig))
+            check_support(run_cfg, num_models=num_models, shared_parameters=shared_parameters)
+            print(f"ok: {cls.__name__} from {args.config} is valid", flush=True)
+            return 0
         if prepare is not None:
             cfg = prepare(cfg)
         run_cfg = next(value for _, value in cfg if isinstance(value, RunConfig))

@@ -7,7 +7,6 @@ its checkpoint). Every start and finish is appended to ``<marker_dir>/<run.name>
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -16,7 +15,8 @@ from pathlib import Path
 
 from pydantic import Field
 
-from labtrain.config import Config, RunConfig, load_config
+from labtrain.config import Config, ConfigError, RunConfig, load_config
+from labtrain.launch import job_arguments, trainer_overrides
 
 
 class SleepConfig(Config):
@@ -28,11 +28,14 @@ class SleepConfig(Config):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--config", required=True)
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
-    cfg = load_config(SleepConfig, args.config, args.overrides)
+    args = job_arguments("python -m tests.queue.sleepjob", __doc__).parse_args()
+    try:
+        cfg = load_config(SleepConfig, args.config, trainer_overrides(args))
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.check:
+        return 0
     ckpt = Path(cfg.run.storage_path) / cfg.run.name / "progress.json"
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     step = json.loads(ckpt.read_text())["step"] if ckpt.exists() else 0

@@ -97,7 +97,11 @@ def test_admin_manages_users_and_quotas(server):
     assert eve.get("/api/v1/whoami").json() == {"name": "eve", "group": "nlp", "admin": False}
     admin.put("/api/v1/users/eve/quota", json={"quotas": {"cpus": 8, "jobs": 2}})
     users = {u["name"]: u for u in admin.get("/api/v1/users").json()}
-    assert users["eve"]["quotas"] == {"cpus": 8, "gpus": None, "jobs": 2} and users["eve"]["share"] == 2.0
+    assert users["eve"]["quotas"] == {"cpus": 8, "gpus": 4, "jobs": 2} and users["eve"]["share"] == 2.0  # gpus left as it was
+    answer = admin.put("/api/v1/users/eve/quota", json={"quotas": {"gpus": 100, "cpus": 1}}).json()
+    assert (answer["cpus"], answer["gpus"], answer["jobs"]) == (1, 100, 2), "a quota not named is kept"
+    admin.put("/api/v1/users/eve/quota", json={"quotas": {"jobs": None}})
+    assert {u["name"]: u for u in admin.get("/api/v1/users").json()}["eve"]["quotas"] == {"cpus": 1, "gpus": 100, "jobs": None}
     assert "token" not in users["eve"] and "token_hash" not in users["eve"]
     r = admin.post("/api/v1/users", json={"name": "eve"})  # adding again would silently reset her quotas and token
     assert r.status_code == 409 and "exists" in r.text
@@ -136,8 +140,17 @@ def test_cli_submit_queue_show_cancel_and_clear_errors(server, tmp_path):
     table = run("queue")
     assert jid in table.stdout and "WAITING" in table.stdout and "high" in table.stdout
     assert "CANCELLED" in run("cancel", jid).stderr
-    bad = run("submit", SLEEP_CONFIG, "--job", "tests.queue.sleepjob", "--workers", "0")
-    assert bad.returncode == 2 and "resources.workers" in bad.stderr
+    bad = run("submit", SLEEP_CONFIG, "--job", "tests.queue.sleepjob", "--workers", "0", "marker_dir=/tmp")
+    assert bad.returncode == 2 and "resources.workers" in bad.stderr  # the job's check passes (0 is local mode); the queue refuses
+    unchecked = run("submit", SLEEP_CONFIG, "--job", "tests.queue.sleepjob", "marker_dir=/tmp", "steps=abc")
+    assert unchecked.returncode == 2 and "steps: value 'abc' is not allowed" in unchecked.stderr and "nothing was queued" in unchecked.stderr
+    for argv, message in ((["--job", "tests.queue.nope"], "no such job module"), (["marker_dir=/tmp", "widht=8"], "widht: unknown key")):
+        refused = run("submit", SLEEP_CONFIG, "--job", "tests.queue.sleepjob", *argv) if "--job" not in argv else run("submit", SLEEP_CONFIG, *argv)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+    assert run("submit", str(tmp_path / "missing.yaml"), "--job", "tests.queue.sleepjob").returncode == 2
+    pattern = run("submit", SLEEP_CONFIG, "--job", "other.job", "--no-check")  # the service's own refusal, brackets and all
+    assert pattern.returncode == 2 and r"\.[a-z_]+$)" in pattern.stderr, pattern.stderr  # rich took "[a-z_]" for markup
+    assert jid in run("queue", "--all-states").stdout and len(run("queue", "--all-states").stdout.splitlines()) == 2, "none of them was queued"
     denied = run("queue", LABTRAIN_TOKEN="not-a-token-xxxxxxxxxxxxxxxxxxx")
     assert denied.returncode == 2 and "refused the token" in denied.stderr
     down = run("queue", LABTRAIN_QUEUE_URL="http://127.0.0.1:9")
@@ -150,3 +163,9 @@ def test_cli_submit_queue_show_cancel_and_clear_errors(server, tmp_path):
     assert run("users", "set-quota", "frank", "--cpus", "4", LABTRAIN_TOKEN=ADMIN_TOKEN).returncode == 0
     listed = run("users", "list", LABTRAIN_TOKEN=ADMIN_TOKEN)
     assert "frank" in listed.stdout
+    # set-quota changes only what it names: the jobs limit survives a later --gpus/--cpus; 'none' removes one
+    assert run("users", "set-quota", "frank", "--jobs", "1", LABTRAIN_TOKEN=ADMIN_TOKEN).returncode == 0
+    later = run("users", "set-quota", "frank", "--gpus", "100", "--cpus", "1", LABTRAIN_TOKEN=ADMIN_TOKEN)
+    assert later.returncode == 0 and "'jobs': 1" in later.stderr and "'gpus': 100" in later.stderr, later.stderr
+    cleared = run("users", "set-quota", "frank", "--jobs", "none", LABTRAIN_TOKEN=ADMIN_TOKEN)
+    assert "'jobs': None" in cleared.stderr and "'cpus': 1" in cleared.stderr, cleared.stderr

@@ -58,3 +58,52 @@ def test_labtrain_submit_goes_through_the_local_clusters_queue(ray_cluster, tmp_
     assert any((Path(os.environ["LABTRAIN_STORAGE_ROOT"]) / "shapes/checkpoints/queued").glob("checkpoint_*"))
     table = subprocess.run([*labtrain, "queue", "--all-states"], env=env, capture_output=True, text=True, timeout=60)
     assert table.returncode == 0 and job_id in table.stdout, table.stdout + table.stderr
+
+
+def _submit_follow(ray_cluster, tmp_path, argv: list[str]) -> tuple[str, str]:
+    """`labtrain submit ... --follow` against the local cluster's queue; (the job id, its output)."""
+    import subprocess
+    import sys
+
+    from labtrain import cluster
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LABTRAIN_QUEUE", "LABTRAIN_TOKEN"))}
+    env |= {"LABTRAIN_CLUSTER_DIR": ray_cluster.spec.state_dir, "HOME": str(tmp_path)}
+    assert (Path(ray_cluster.spec.state_dir) / cluster.QUEUE_CLIENT_FILE).exists()
+    proc = subprocess.run([sys.executable, "-m", "labtrain.cli", "submit", *argv, "--follow"], env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    job_id = proc.stdout.splitlines()[0].strip()
+    assert f"{job_id}: SUCCEEDED" in proc.stderr
+    return job_id, out
+
+
+def test_a_nas_search_goes_through_the_queue_with_its_gang_as_trials(ray_cluster, tmp_path):
+    """The job contract: the queue's gang reaches NAS as concurrent trials and resources per trial, not as a
+    run section NAS does not have (it used to die on `run: unknown key`)."""
+    import json
+
+    from tests.jobs.nas.conftest import NB201_TABLE
+
+    job_id, out = _submit_follow(ray_cluster, tmp_path, [
+        "jobs/nas/configs/nb201_table.yaml", "--job", "jobs.nas", "--workers", "2", "--cpus-per-worker", "0.5",
+        f"evaluator.path={NB201_TABLE}", "search.methods=[weaknas]", "search.budget=20", "search.weaknas.predictor.hidden_sizes=[32]",
+    ])
+    assert "weaknas: 20 done, 0 failed" in out
+    history = json.loads((Path(os.environ["LABTRAIN_STORAGE_ROOT"]) / "nas" / job_id / "history.json").read_text())
+    assert history["name"] == job_id  # --name: the search is named by the queue, so a rerun continues it
+    from ray.job_submission import JobSubmissionClient
+
+    entrypoint = JobSubmissionClient(ray_cluster.dashboard_url).get_job_info(job_id).entrypoint
+    assert "--workers 2 --cpus-per-worker 0.5" in entrypoint and "run." not in entrypoint
+
+
+def test_vatt_goes_through_the_queue(ray_cluster, tmp_path):
+    from tests.jobs.vatt.test_job import SMALL
+
+    small = [o for o in SMALL if not o.startswith(("checkpoint_every", "log_every"))]
+    _, out = _submit_follow(ray_cluster, tmp_path, [
+        "jobs/vatt/configs/tiny.yaml", "--job", "jobs.vatt", "--workers", "2", *small,
+        "data.urls=queued-vatt/train/shard-{000000..000003}.tar", "eval.urls=queued-vatt/eval/shard-{000000..000001}.tar",
+    ])
+    assert "evaluation: retrieval_r1" in out and "step 4/4 (100%)" in out

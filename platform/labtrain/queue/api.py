@@ -38,7 +38,7 @@ class Service:
         if settings.users_file:
             users = load_users_file(settings.users_file)
             for group in users.groups:
-                self.store.set_group_quota(group.name, group.quotas)
+                self.store.set_group_quota(group.name, Quota(**group.quotas.model_dump()))  # the file says every limit
             for user in users.users:
                 self.store.upsert_user(user)
         self.dispatcher = Dispatcher(self.store, settings, self.metrics, RayJobs(settings.ray_address) if settings.ray_address else None)
@@ -57,6 +57,8 @@ def _refuse(field: str, message: str, value: Any = None) -> HTTPException:
 
 
 class QuotaUpdate(BaseModel):
+    """Only the quotas named in ``quotas`` change (null removes a limit); ``share`` if given."""
+
     quotas: Quota
     share: float | None = Field(None, gt=0, le=1e6)
 
@@ -210,9 +212,10 @@ def create_app(settings: Settings, *, run_dispatcher: bool = True) -> FastAPI:
 
     @app.put("/api/v1/users/{name}/quota")
     def set_user_quota(name: str, update: QuotaUpdate, me: dict = Depends(admin)) -> dict:
-        if not service.store.set_user_quota(name, update.quotas, update.share):
+        row = service.store.set_user_quota(name, update.quotas, update.share)
+        if row is None:
             raise HTTPException(404, f"no user {name}")
-        return {"name": name, **update.quotas.model_dump(), "share": update.share}
+        return {"name": name, "cpus": row["quota_cpus"], "gpus": row["quota_gpus"], "jobs": row["quota_jobs"], "share": row["share"]}
 
     @app.get("/api/v1/groups")
     def groups(me: dict = Depends(admin)) -> list[dict]:
@@ -220,8 +223,8 @@ def create_app(settings: Settings, *, run_dispatcher: bool = True) -> FastAPI:
 
     @app.put("/api/v1/groups/{name}/quota")
     def set_group_quota(name: str, update: QuotaUpdate, me: dict = Depends(admin)) -> dict:
-        service.store.set_group_quota(name, update.quotas)
-        return {"name": name, **update.quotas.model_dump()}
+        row = service.store.set_group_quota(name, update.quotas)
+        return {"name": name, "cpus": row["quota_cpus"], "gpus": row["quota_gpus"], "jobs": row["quota_jobs"]}
 
     @app.get("/api/v1/summary")
     def summary(me: dict = Depends(user)) -> dict:

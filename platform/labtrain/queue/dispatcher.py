@@ -93,15 +93,14 @@ class RayJobs:
 
 
 def entrypoint(row: dict[str, Any], job_cwd: str | None = None) -> str:
-    """``python -m <job> --config <file> <overrides> run.*=<admitted gang>``; run.name defaults to the
-    queue's job id, so every attempt of a job (after a preemption) resumes the same checkpoints."""
-    overrides = list(row["overrides"])
-    if not any(o.startswith("run.name=") for o in overrides):
-        overrides.append(f"run.name={row['id']}")
-    overrides += [f"run.num_workers={row['workers']}", f"run.cpus_per_worker={row['cpus_per_worker']:g}", f"run.gpus_per_worker={row['gpus_per_worker']:g}"]
+    """``python -m <job> --config <file> <overrides> --workers ... --name <job id>``: the admitted gang in the
+    contract every job's command line takes (labtrain.launch), which each job maps onto its own config. The
+    name is the queue's job id unless the user's overrides set one, so every attempt of a job (after a
+    preemption) resumes the same checkpoints."""
+    gang = ["--workers", str(row["workers"]), "--cpus-per-worker", f"{row['cpus_per_worker']:g}", "--gpus-per-worker", f"{row['gpus_per_worker']:g}"]
     if row["memory_gb_per_worker"]:
-        overrides.append(f"run.resources_per_worker={{memory: {int(row['memory_gb_per_worker'] * st.GIB)}}}")
-    cmd = shlex.join(["python", "-m", row["job"], "--config", row["config"], *overrides])
+        gang += ["--memory-gb-per-worker", f"{row['memory_gb_per_worker']:g}"]
+    cmd = shlex.join(["python", "-m", row["job"], "--config", row["config"], *row["overrides"], *gang, "--name", row["id"]])
     return f"cd {shlex.quote(job_cwd)} && {cmd}" if job_cwd else cmd
 
 

@@ -140,18 +140,28 @@ class Store:
             else:
                 conn.execute(users_t.insert().values(name=entry.name, usage=0.0, usage_at=time.time(), **values))
 
-    def set_user_quota(self, name: str, quota: QuotaSpec, share: float | None = None) -> bool:
-        values = {"quota_cpus": quota.cpus, "quota_gpus": quota.gpus, "quota_jobs": quota.jobs}
+    def set_user_quota(self, name: str, quota: QuotaSpec, share: float | None = None) -> dict | None:
+        """Change the quotas ``quota`` names (its set fields; None removes a limit), and the share if given;
+        returns the user's row, or None when there is no such user."""
+        values = {f"quota_{k}": getattr(quota, k) for k in quota.model_fields_set}
         if share is not None:
             values["share"] = share
         with self.tx() as conn:
-            return conn.execute(users_t.update().where(users_t.c.name == name).values(**values)).rowcount == 1
+            where = users_t.c.name == name
+            if values and conn.execute(users_t.update().where(where).values(**values)).rowcount != 1:
+                return None
+            row = conn.execute(sa.select(users_t).where(where)).first()
+        return _row(row) if row else None
 
-    def set_group_quota(self, name: str, quota: QuotaSpec) -> None:
-        values = {"quota_cpus": quota.cpus, "quota_gpus": quota.gpus, "quota_jobs": quota.jobs}
+    def set_group_quota(self, name: str, quota: QuotaSpec) -> dict:
+        """Change the quotas ``quota`` names for group ``name`` (created if new); returns the group's row."""
+        values = {f"quota_{k}": getattr(quota, k) for k in quota.model_fields_set}
         with self.tx() as conn:
-            if conn.execute(groups_t.update().where(groups_t.c.name == name).values(**values)).rowcount == 0:
-                conn.execute(groups_t.insert().values(name=name, **values))
+            where = groups_t.c.name == name
+            if not values or conn.execute(groups_t.update().where(where).values(**values)).rowcount == 0:
+                if conn.execute(sa.select(groups_t.c.name).where(where)).first() is None:
+                    conn.execute(groups_t.insert().values(name=name, **values))
+            return _row(conn.execute(sa.select(groups_t).where(where)).first())
 
     def user_by_token(self, token: str) -> dict | None:
         with self.engine.connect() as conn:
