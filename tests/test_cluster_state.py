@@ -26,3 +26,39 @@ def test_down_leaves_a_process_that_reuses_a_recorded_pid_alone(tmp_path):
         assert proc.wait(10) is not None
     finally:
         proc.kill()
+
+
+def test_down_also_stops_what_ran_below_in_a_session_of_its_own(tmp_path):
+    """Ray starts a job's driver in its own session: stopping the node's process group alone left it behind."""
+    import os
+    import sys
+
+    code = "import subprocess, time; p = subprocess.Popen(['sleep', '300'], start_new_session=True); print(p.pid, flush=True); time.sleep(300)"
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    driver = int(parent.stdout.readline())
+    try:
+        assert os.getpgid(driver) != parent.pid  # not in the group `down` kills
+        cluster._save_state(cluster.ClusterState(spec=cluster.ClusterSpec(state_dir=str(tmp_path)), pids=[parent.pid]))
+        assert cluster.down(str(tmp_path)) == [parent.pid]
+        assert parent.wait(10) is not None
+        import psutil
+
+        assert not psutil.pid_exists(driver) or psutil.Process(driver).status() == psutil.STATUS_ZOMBIE
+    finally:
+        parent.kill()
+        subprocess.run(["kill", "-9", str(driver)], capture_output=True)
+
+
+def test_up_refuses_a_taken_port_before_starting_anything(tmp_path):
+    import socket
+
+    import pytest
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        spec = cluster.ClusterSpec(state_dir=str(tmp_path / "c"), queue_port=port, gcs_port=port + 1 if port < 65000 else port - 1)
+        with pytest.raises(cluster.ClusterError, match=rf"port {port} \(queue\) already taken"):
+            cluster.up(spec)
+    assert not (tmp_path / "c" / "cluster.json").exists()

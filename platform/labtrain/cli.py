@@ -70,13 +70,19 @@ def cmd_cluster_up(args) -> int:
 
     spec = cluster.ClusterSpec(state_dir=args.state_dir, num_nodes=args.nodes, cpus_per_node=args.cpus_per_node, dashboard_port=args.dashboard_port,
                                gcs_port=args.port, queue_port=None if args.no_queue else args.queue_port)
-    with console.status(f"starting {spec.num_nodes} Ray nodes{'' if args.no_queue else ' and the queue'} ..."):
-        state = cluster.up(spec)
-    console.print(f"local cluster up: {spec.num_nodes} Ray nodes at {state.address}, job API and dashboard at {state.dashboard_url}")
+    try:
+        with console.status(f"starting {spec.num_nodes} Ray nodes{'' if args.no_queue else ' and the queue'} ..."):
+            state = cluster.up(spec)
+    except cluster.ClusterError as error:
+        console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
+        return 1
+    if state.repaired:
+        console.print(f"the local cluster at {state.address} was running without its {', '.join(state.repaired)}: restarted it")
+    console.print(f"local cluster up: {state.spec.num_nodes} Ray nodes at {state.address}, job API and dashboard at {state.dashboard_url}")
     for node, port in enumerate(state.metrics_ports):
         console.print(f"  node{node} metrics: http://127.0.0.1:{port}/metrics")
     if state.queue_url:
-        console.print(f"  lab queue: {state.queue_url} (page and /docs; your token is in {Path(spec.state_dir) / cluster.QUEUE_CLIENT_FILE})")
+        console.print(f"  lab queue: {state.queue_url} (page and /docs; your token is in {Path(state.spec.state_dir) / cluster.QUEUE_CLIENT_FILE})")
         console.print("submit with: labtrain submit jobs/shapes/configs/demo.yaml --job jobs.shapes --workers 2 --follow synthetic.write=true")
     console.print(f"or directly: RAY_ADDRESS={state.dashboard_url} ray job submit --working-dir . -- python -m jobs.shapes --config jobs/shapes/configs/demo.yaml synthetic.write=true")
     return 0

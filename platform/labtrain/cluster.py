@@ -51,6 +51,8 @@ class ClusterState:
     start_times: dict[str, float] = field(default_factory=dict)  # pid -> its process's start time, so a reused pid is not ours
     metrics_ports: list[int] = field(default_factory=list)
     queue_url: str | None = None
+    queue_pid: int | None = None  # the queue service's pid (also in pids): the part `up` can restart alone
+    repaired: list[str] = field(default_factory=list)  # what the last `up` restarted in a running cluster
 
     @property
     def address(self) -> str:
@@ -70,7 +72,8 @@ def load_state(state_dir: str) -> ClusterState | None:
     if not path.exists():
         return None
     raw = json.loads(path.read_text())
-    return ClusterState(spec=ClusterSpec(**raw["spec"]), pids=raw["pids"], start_times=raw.get("start_times", {}), metrics_ports=raw["metrics_ports"], queue_url=raw.get("queue_url"))
+    return ClusterState(spec=ClusterSpec(**raw["spec"]), pids=raw["pids"], start_times=raw.get("start_times", {}), metrics_ports=raw["metrics_ports"],
+                        queue_url=raw.get("queue_url"), queue_pid=raw.get("queue_pid"))
 
 
 def _save_state(state: ClusterState) -> None:
@@ -151,12 +154,37 @@ def _wait_for_job_agents(spec: ClusterSpec, count: int, timeout_s: float) -> Non
     raise TimeoutError(f"the Ray dashboard agents of {count} nodes did not register within {timeout_s:.0f}s; see the logs in {spec.state_dir}")
 
 
+class ClusterError(RuntimeError):
+    """What ``up`` cannot do, in words: the CLI prints it as one ``error:`` line."""
+
+
+def _port_taken(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def _check_ports(ports: dict[str, int | None]) -> None:
+    taken = [f"{port} ({name})" for name, port in ports.items() if port is not None and _port_taken(port)]
+    if taken:
+        raise ClusterError(f"port {', '.join(taken)} already taken on 127.0.0.1 (another cluster or queue? `ss -ltnp` shows whose); "
+                           "stop it, or choose other ports (labtrain cluster up --help)")
+
+
 def up(spec: ClusterSpec | None = None, *, timeout_s: float = 120) -> ClusterState:
-    """Start the nodes and exporters; fails if this state dir already has a running cluster."""
+    """Start the nodes, exporters and the queue. On a state dir whose cluster is running, restart what is
+    missing if that is only the queue service (recorded like the rest, so ``down`` stops it); a cluster with
+    a Ray node or exporter gone is refused (``down`` then ``up``)."""
     spec = spec or ClusterSpec()
     existing = load_state(spec.state_dir)
     if existing is not None and any(_ours(existing, pid) for pid in existing.pids):
-        raise RuntimeError(f"a local cluster from {spec.state_dir} is already running at {existing.address}; run `labtrain cluster down` first")
+        return _repair(existing, timeout_s)
+    _check_ports({"Ray GCS": spec.gcs_port, "Ray dashboard": spec.dashboard_port, "queue": spec.queue_port,
+                  **{f"node{n} metrics": spec.metrics_base_port + n for n in range(spec.num_nodes)}})
     os.makedirs(spec.state_dir, exist_ok=True)
     state = ClusterState(spec=spec)
     try:
@@ -183,6 +211,26 @@ def up(spec: ClusterSpec | None = None, *, timeout_s: float = 120) -> ClusterSta
     except BaseException:
         down(spec.state_dir)
         raise
+    return state
+
+
+def _repair(state: ClusterState, timeout_s: float) -> ClusterState:
+    """Restart the queue service of a running cluster whose queue died; nothing else can be repaired."""
+    dead = [pid for pid in state.pids if not _ours(state, pid)]
+    queue_dead = state.queue_pid in dead or (state.spec.queue_port is not None and state.queue_pid is None and state.queue_url is None)
+    others = [pid for pid in dead if pid != state.queue_pid]
+    if others:
+        raise ClusterError(f"the local cluster in {state.spec.state_dir} is partly down (processes {others} of {state.pids} are gone); "
+                           "run `labtrain cluster down`, then `labtrain cluster up`")
+    if not queue_dead:
+        raise ClusterError(f"a local cluster from {state.spec.state_dir} is already running at {state.address}; `labtrain cluster down` stops it")
+    state.pids = [pid for pid in state.pids if pid != state.queue_pid]
+    state.start_times.pop(str(state.queue_pid), None)
+    state.queue_pid = state.queue_url = None
+    _save_state(state)
+    _check_ports({"queue": state.spec.queue_port})
+    _start_queue(state.spec, state, timeout_s)
+    state.repaired = ["queue"]
     return state
 
 
@@ -218,15 +266,18 @@ def _start_queue(spec: ClusterSpec, state: ClusterState, timeout_s: float) -> No
     log = open(root / "queue.log", "ab")
     service = subprocess.Popen(command, env=node_env(spec, 0), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     state.pids.append(service.pid)
+    state.queue_pid = service.pid
     _save_state(state)
     deadline = time.monotonic() + timeout_s
     while True:
+        if service.poll() is not None:  # it died (a port taken after the check, a bad database): not another's answer
+            raise ClusterError(f"the queue service exited with status {service.returncode}; see {root / 'queue.log'}")
         try:
             with urllib.request.urlopen(f"{url}/healthz", timeout=2):
                 break
         except OSError:
-            if service.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the queue service did not start on {url}; see {root / 'queue.log'}") from None
+            if time.monotonic() > deadline:
+                raise ClusterError(f"the queue service did not start on {url} within {timeout_s:.0f} s; see {root / 'queue.log'}") from None
             time.sleep(0.3)
     _write_private(root / QUEUE_CLIENT_FILE, json.dumps({"url": url, "token": token, "user": user}) + "\n")
     state.queue_url = url
@@ -237,7 +288,10 @@ def _start_time(pid: int) -> float | None:
     import psutil
 
     try:
-        return psutil.Process(pid).create_time()
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:  # dead, not yet reaped by the process that started it
+            return None
+        return proc.create_time()
     except psutil.Error:
         return None
 
@@ -248,16 +302,51 @@ def _ours(state: ClusterState, pid: int) -> bool:
     whose id no new process can take while a member lives."""
     started = _start_time(pid)
     if started is None:
-        return _group_alive(pid)
+        return _group_alive(pid) and _group_has_live_member(pid)
     recorded = state.start_times.get(str(pid))
     return recorded is None or abs(recorded - started) < 1e-3
 
 
+def _descendants(pids: list[int]) -> list:
+    """Every process below ``pids``, found before anything is stopped: Ray starts a job's driver in a session
+    of its own, so stopping Ray's process groups leaves it running (reparented to init, spinning on a GCS
+    that is gone)."""
+    import psutil
+
+    found = []
+    for pid in pids:
+        try:
+            found += psutil.Process(pid).children(recursive=True)
+        except psutil.Error:
+            pass
+    return found
+
+
+def _stop_processes(processes: list, timeout_s: float) -> None:
+    import psutil
+
+    for proc in processes:
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(processes, timeout=timeout_s)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=10)
+
+
 def down(state_dir: str = ClusterSpec.state_dir, *, timeout_s: float = 5) -> list[int]:
-    """Stop the process groups ``up`` started (worker nodes first); returns the pids stopped."""
+    """Stop the process groups ``up`` started (worker nodes first) and every process below them (job drivers
+    included); returns the pids of the groups stopped."""
     state = load_state(state_dir)
     if state is None:
         return []
+    ours = [pid for pid in state.pids if _ours(state, pid)]
+    below = _descendants(ours)
     stopped = []
     for pid in reversed(state.pids):
         if not _ours(state, pid):
@@ -270,6 +359,7 @@ def down(state_dir: str = ClusterSpec.state_dir, *, timeout_s: float = 5) -> lis
             while _group_alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.2)
         stopped.append(pid)
+    _stop_processes([p for p in below if p.is_running()], timeout_s)
     _state_file(state_dir).unlink()
     Path(state_dir, QUEUE_CLIENT_FILE).unlink(missing_ok=True)
     _forget_current_cluster(state.spec.gcs_port)
@@ -285,6 +375,19 @@ def _forget_current_cluster(gcs_port: int) -> None:
             marker.unlink()
     except OSError:
         pass
+
+
+def _group_has_live_member(pgid: int) -> bool:
+    """A member of process group ``pgid`` that is not a zombie (a killed leader lingers as one until reaped)."""
+    import psutil
+
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) == pgid:
+                return True
+        except (psutil.Error, ProcessLookupError):
+            continue
+    return False
 
 
 def _group_alive(pgid: int) -> bool:

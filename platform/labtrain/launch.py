@@ -50,6 +50,12 @@ def trainer_overrides(args: argparse.Namespace) -> list[str]:
     return [*args.overrides, *extra]
 
 
+def _last_line(error: BaseException) -> str:
+    """An exception as one line: Ray Train's errors carry the worker's whole traceback, whose last line says what."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
 def check_data(cfg: Config, run_cfg: RunConfig) -> None:
     """Refuse, before any Ray worker starts, data the workers could not use: shards without an index, or
     too few samples per rank for one batch (inside a run these would fail and be restarted in vain). A
@@ -103,7 +109,7 @@ def job_main(
         print(f"TensorBoard: tensorboard --logdir {storage.join(storage.run_dir(run_cfg), 'tensorboard')} (or the storage root for every run)", flush=True)
     result = run(train_fn, cfg, run_cfg, kind=kind)
     if result.error is not None:
-        print(f"error: the run failed: {result.error}", file=sys.stderr)
+        print(f"error: the run failed: {_last_line(result.error)} (the workers' tracebacks are above)", file=sys.stderr)
         return 1
     if report is not None:
         report(cfg, result)

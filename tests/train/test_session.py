@@ -70,3 +70,18 @@ def test_accumulation_steps_the_optimizer_and_scheduler_every_nth_batch_only():
     changed = [not torch.equal(a, b) for a, b in zip(weights, weights[1:])]
     assert changed == [False, True, False, False, True]  # batches 3 and 6 end an optimizer step
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**2)
+
+
+def test_a_run_that_lost_data_says_so_at_the_end(tmp_path, caplog):
+    from labtrain.config import DataConfig
+    from labtrain.data import write_shards
+    from tests.data.conftest import make_samples
+
+    pattern = write_shards(make_samples(64), str(tmp_path), max_samples=16, progress=False)
+    (tmp_path / "shard-000001.tar").write_bytes((tmp_path / "shard-000001.tar").read_bytes()[:1000])  # cut short
+    session = Session(RunConfig(num_workers=1, tensorboard=False), kind="test")
+    data = session.data(DataConfig(urls=pattern, batch_size=8, max_bad_shards=1))
+    assert sum(1 for _ in session.batches(data)) == 8  # full batches all the same
+    with caplog.at_level("WARNING"):
+        session.close()
+    assert "rank 0: 16 samples (25.0% of the 64 it read) were lost" in caplog.text and "shard-000001.tar" in caplog.text

@@ -107,3 +107,32 @@ def test_vatt_goes_through_the_queue(ray_cluster, tmp_path):
         "data.urls=queued-vatt/train/shard-{000000..000003}.tar", "eval.urls=queued-vatt/eval/shard-{000000..000001}.tar",
     ])
     assert "evaluation: retrieval_r1" in out and "step 4/4 (100%)" in out
+
+
+def test_cluster_up_restarts_a_dead_queue_and_records_it(ray_cluster, tmp_path):
+    """The queue service dies (SIGKILL); `labtrain cluster up` on the running cluster restarts only the queue,
+    recorded in the state file so `down` stops it, and the CLI works against it (its new token)."""
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    from labtrain import cluster
+
+    state_dir = ray_cluster.spec.state_dir
+    before = cluster.load_state(state_dir)
+    os.killpg(before.queue_pid, signal.SIGKILL)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LABTRAIN_QUEUE", "LABTRAIN_TOKEN"))} | {"HOME": str(tmp_path)}
+    spec = ray_cluster.spec
+    up = subprocess.run([sys.executable, "-m", "labtrain.cli", "cluster", "up", "--state-dir", state_dir, "--port", str(spec.gcs_port),
+                         "--dashboard-port", str(spec.dashboard_port), "--queue-port", str(spec.queue_port)], env=env, capture_output=True, text=True, timeout=300)
+    assert up.returncode == 0 and "restarted it" in up.stderr, up.stdout + up.stderr
+    after = cluster.load_state(state_dir)
+    assert after.queue_pid != before.queue_pid and after.queue_pid in after.pids and before.queue_pid not in after.pids
+    assert set(after.pids) - {after.queue_pid} == set(before.pids) - {before.queue_pid}  # Ray and the exporters untouched
+    with urllib.request.urlopen(f"{after.queue_url}/healthz", timeout=10):
+        pass
+    listed = subprocess.run([sys.executable, "-m", "labtrain.cli", "queue"], env=env | {"LABTRAIN_CLUSTER_DIR": state_dir}, capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    again = subprocess.run([sys.executable, "-m", "labtrain.cli", "cluster", "up", "--state-dir", state_dir], env=env, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 1 and "already running" in again.stderr and "Traceback" not in again.stderr

@@ -213,7 +213,7 @@ def decode(samples: Iterable[Sample], *, decoder: Callable[[Sample], Sample]) ->
         try:
             out = decoder(sample)
         except Exception as error:  # noqa: BLE001 - any decoder failure makes the sample unusable
-            log.warning("skipping sample %s of %s: %s", sample.get("__key__"), sample.get("__url__"), error)
+            log.warning("skipping sample %s of %s: %s: %s", sample.get("__key__"), sample.get("__url__"), type(error).__name__, error)
             yield {"__pos__": pos, "__lost__": True, "__bad_sample__": sample.get("__key__")}
             continue
         out["__pos__"] = pos

@@ -192,7 +192,7 @@ class Dispatcher:
         if state == st.RUNNING:
             if status in RAY_TERMINAL:
                 final = {"SUCCEEDED": st.SUCCEEDED, "FAILED": st.FAILED, "STOPPED": st.CANCELLED}[status]
-                self.store.end_holding(row["id"], [st.RUNNING], final, message=message[-500:] or status.lower(), **end)
+                self.store.end_holding(row["id"], [st.RUNNING], final, message=self._reason(sid, status, message), **end)
             elif now - (row["started_at"] or now) > row["time_limit_s"]:
                 self.store.transition(row["id"], [st.RUNNING], st.CANCELLING, message=TIME_LIMIT_MESSAGE)
                 self.ray.stop(sid)
@@ -207,7 +207,20 @@ class Dispatcher:
             self.store.end_holding(row["id"], [st.CANCELLING], final, message=row["message"] if final == st.TIMEOUT else "cancelled", **end)
         else:  # it ended on its own before the stop took effect
             final = st.SUCCEEDED if status == "SUCCEEDED" else st.FAILED
-            self.store.end_holding(row["id"], [state], final, message=message[-500:] or status.lower(), **end)
+            self.store.end_holding(row["id"], [state], final, message=self._reason(sid, status, message), **end)
+
+    def _reason(self, sid: str, status: str, message: str) -> str:
+        """Why a job ended, in words: a failed job's own last ``error:`` line (every labtrain job ends with one)
+        rather than Ray's "exit code 2, last available logs (truncated to 20,000 chars)"."""
+        if status == "FAILED":
+            try:
+                lines = [line.strip() for line in self.ray.logs(sid).splitlines() if line.strip().startswith("error:")]
+            except Exception as error:  # noqa: BLE001 - the logs are a nicety; Ray's message still says it failed
+                log.warning("could not read the logs of %s: %s", sid, error)
+                lines = []
+            if lines:
+                return lines[-1][:500]
+        return message[-500:] or status.lower()
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():

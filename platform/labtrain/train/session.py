@@ -146,6 +146,7 @@ class Session:
         self._batches_at_start = 0  # _batches_seen when this attempt began (restore sets both)
         self._epoch: int | None = None
         self._last_scalars: dict[str, float] = {}
+        self._streams: list[DataStream] = []
 
     @property
     def total_steps(self) -> int | None:
@@ -212,7 +213,9 @@ class Session:
     # -- data ----------------------------------------------------------------------------------
     def data(self, cfg: DataConfig, **kwargs) -> DataStream:
         """This rank's stream of ``cfg``, counting bad data in this worker's metrics."""
-        return DataStream(cfg, rank=self.rank, world_size=self.world_size, metrics=self.metrics, **kwargs)
+        stream = DataStream(cfg, rank=self.rank, world_size=self.world_size, metrics=self.metrics, **kwargs)
+        self._streams.append(stream)
+        return stream
 
     def batches(self, data: DataStream | Iterable) -> Iterator[Any]:
         """The batches of ``data`` (a DataStream's epoch, or any iterable of batches). Records each batch's
@@ -263,6 +266,17 @@ class Session:
         self.logger.info(message, *args)
 
     def close(self) -> None:
+        """The end of this worker's run: say what data was lost (every rank that lost some), close the logger."""
+        for stream in self._streams:
+            if stream.skipped_samples or stream.bad_shards:
+                read = stream.samples_per_epoch * max(stream.epoch, 1)
+                log.warning(
+                    "rank %d: %d samples (%.1f%% of the %d it read) were lost (unreadable shards, samples that failed to decode) and "
+                    "filled with other samples; "
+                    "%d unreadable shards (data.max_bad_shards=%d): %s",
+                    self.rank, stream.skipped_samples, 100 * stream.skipped_samples / max(read, 1), read,
+                    len(stream.bad_shards), stream.cfg.max_bad_shards, ", ".join(sorted(stream.bad_shards)) or "none",
+                )
         self.logger.close()
 
     # -- checkpoints ---------------------------------------------------------------------------
