@@ -16,7 +16,7 @@ from jobs.nas.model import SpaceError
 from jobs.nas.run import StateError, prepare, run_search
 from jobs.nas.table import TableError
 from labtrain.config import ConfigError, load_config
-from labtrain.launch import job_arguments
+from labtrain.launch import job_arguments, mark_done
 
 
 def gang_overrides(args) -> list[str]:
@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     if not complete:
         print("stopped before the budget was used; run the same command again to continue", file=sys.stderr)
         return 1
+    mark_done(args)
     return 0
 
 

@@ -31,7 +31,23 @@ def job_arguments(prog: str, description: str | None) -> argparse.ArgumentParser
     gang.add_argument("--memory-gb-per-worker", type=float, default=None)
     gang.add_argument("--name", default=None, help="the run's name unless an override sets it (the queue passes its job id)")
     parser.add_argument("--check", action="store_true", help="validate the config, overrides and gang, start nothing; exit 0 or 2")
+    parser.add_argument("--done-file", default=None, help="written when the run completes (the queue reads it to never run a finished job again)")
     return parser
+
+
+def mark_done(args: argparse.Namespace) -> None:
+    """Record that this run completed where the queue asked (``--done-file``), atomically."""
+    if not args.done_file:
+        return
+    import json
+    import os
+    import time
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.done_file)), exist_ok=True)
+    tmp = f"{args.done_file}.tmp"
+    with open(tmp, "w") as out:
+        json.dump({"name": args.name, "config": args.config, "completed_at": time.time()}, out)
+    os.replace(tmp, args.done_file)
 
 
 def trainer_overrides(args: argparse.Namespace) -> list[str]:
@@ -117,4 +133,5 @@ def job_main(
         print(f"done: {result.metrics}")
     if result.checkpoint is not None:
         print(f"latest checkpoint: {result.checkpoint.path}")
+    mark_done(args)
     return 0

@@ -16,7 +16,7 @@ from pathlib import Path
 from pydantic import Field
 
 from labtrain.config import Config, ConfigError, RunConfig, load_config
-from labtrain.launch import job_arguments, trainer_overrides
+from labtrain.launch import job_arguments, mark_done, trainer_overrides
 
 
 class SleepConfig(Config):
@@ -56,7 +56,11 @@ def main() -> int:
         note(f"step {step}")
     note("done")
     print(f"sleepjob {cfg.run.name} done", flush=True)
-    return 1 if cfg.fail else 0
+    if cfg.fail:
+        print("error: sleepjob failed as asked (fail=true)", file=sys.stderr)
+        return 1
+    mark_done(args)
+    return 0
 
 
 if __name__ == "__main__":

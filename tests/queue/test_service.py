@@ -160,3 +160,41 @@ def test_the_service_runs_jobs_on_postgresql(make_server, ray_cluster, postgres_
     server.kill()
     server.start()
     assert {j["id"]: j["state"] for j in server.client("alice").get("/api/v1/jobs").json()} == {done: "SUCCEEDED", long: "CANCELLED"}
+
+
+def test_a_failed_job_says_why_in_its_own_words(make_server, ray_cluster):
+    server = make_server(ray_cluster.dashboard_url)
+    alice = server.client("alice")
+    jid = submit(alice, {**server.sleep_spec("f-fails", steps=1), "overrides": [*server.sleep_spec("f-fails", steps=1)["overrides"], "fail=true"]})
+    job = wait_states(alice, [jid], states=("FAILED",))[jid]
+    assert job["state"] == "FAILED" and job["message"] == "error: sleepjob failed as asked (fail=true)", job["message"]
+
+
+def test_a_job_that_completed_while_the_queue_was_down_is_not_run_again(make_server, ray_cluster):
+    """The queue dies while a job runs; the job completes; Ray then forgets it (as a cluster restart does);
+    the restarted queue finds the run's completion record and marks it succeeded, with one attempt."""
+    server = make_server(ray_cluster.dashboard_url)
+    alice = server.client("alice")
+    jid = submit(alice, server.sleep_spec("x-once", steps=6, step_s=0.5))
+    wait_for(lambda: job_state(alice, jid)["state"] == "RUNNING", 60, what="the job to run")
+    server.kill()
+    ray = JobSubmissionClient(ray_cluster.dashboard_url)
+    wait_for(lambda: ray.get_job_status(jid).value == "SUCCEEDED", 120, what="the job to finish with the queue down")
+    time.sleep(3)  # the job's supervisor actor exits after the job: deleting before that makes Ray record it FAILED again
+    assert ray.delete_job(jid)  # Ray forgets it, as after a restart of the cluster
+
+    def forgotten() -> bool:
+        try:
+            ray.get_job_info(jid)
+        except RuntimeError as error:
+            return "404" in str(error)
+        return False
+
+    wait_for(forgotten, 30, what="Ray to forget the job")
+    time.sleep(2)
+    assert forgotten()
+    server.start()
+    job = wait_states(server.client("alice"), [jid], timeout_s=60)[jid]
+    assert job["state"] == "SUCCEEDED" and job["attempt"] == 1 and "completed" in job["message"], job
+    time.sleep(2)  # a few more cycles: nothing starts it again
+    assert [line for line in server.marker("x-once") if line.startswith("start")] == [server.marker("x-once")[0]]

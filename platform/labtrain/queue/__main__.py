@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--job-cwd", default=env("LABTRAIN_QUEUE_JOB_CWD"), help="directory job entrypoints run in on the cluster")
     s.add_argument("--capacity", default=env("LABTRAIN_QUEUE_CAPACITY"), help='fixed capacity as JSON, e.g. {"CPU": 4, "GPU": 0}; default: read from Ray')
     s.add_argument("--no-preemption", action="store_true", help="never stop running jobs for higher-priority ones")
+    s.add_argument("--done-dir", default=env("LABTRAIN_QUEUE_DONE_DIR"), help="where runs record that they completed (default: beside the SQLite db)")
     s.add_argument("--log-level", default=env("LABTRAIN_QUEUE_LOG_LEVEL", "info"))
     return parser
 
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             "db": args.db, "ray_address": args.ray_address, "admin_token": args.admin_token, "users_file": args.users_file,
             "half_life_s": args.half_life_s, "cycle_s": args.cycle_s, "default_time_limit_s": args.default_time_limit_s,
             "job_pattern": args.job_pattern, "job_cwd": args.job_cwd,
-            "capacity": json.loads(args.capacity) if args.capacity else None, "preemption": not args.no_preemption,
+            "capacity": json.loads(args.capacity) if args.capacity else None, "preemption": not args.no_preemption, "done_dir": args.done_dir,
         })
         import uvicorn
 

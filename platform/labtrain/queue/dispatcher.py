@@ -92,14 +92,21 @@ class RayJobs:
         return cpus, gpus, memory
 
 
-def entrypoint(row: dict[str, Any], job_cwd: str | None = None) -> str:
+def done_file(done_dir: str | None, job_id: str) -> str | None:
+    return os.path.join(done_dir, f"{job_id}.json") if done_dir else None
+
+
+def entrypoint(row: dict[str, Any], job_cwd: str | None = None, done_dir: str | None = None) -> str:
     """``python -m <job> --config <file> <overrides> --workers ... --name <job id>``: the admitted gang in the
     contract every job's command line takes (labtrain.launch), which each job maps onto its own config. The
     name is the queue's job id unless the user's overrides set one, so every attempt of a job (after a
-    preemption) resumes the same checkpoints."""
+    preemption) resumes the same checkpoints. ``--done-file``: where the run records that it completed."""
     gang = ["--workers", str(row["workers"]), "--cpus-per-worker", f"{row['cpus_per_worker']:g}", "--gpus-per-worker", f"{row['gpus_per_worker']:g}"]
     if row["memory_gb_per_worker"]:
         gang += ["--memory-gb-per-worker", f"{row['memory_gb_per_worker']:g}"]
+    done = done_file(done_dir, row["id"])
+    if done:
+        gang += ["--done-file", done]
     cmd = shlex.join(["python", "-m", row["job"], "--config", row["config"], *row["overrides"], *gang, "--name", row["id"]])
     return f"cd {shlex.quote(job_cwd)} && {cmd}" if job_cwd else cmd
 
@@ -112,6 +119,9 @@ class Dispatcher:
         self._capacity_at = -float("inf")
         self._missing: dict[str, int] = {}  # submission id -> consecutive cycles Ray said it has no such job
         self._wake = threading.Event()
+        self.done_dir = settings.resolved_done_dir()
+        if self.done_dir:
+            os.makedirs(self.done_dir, exist_ok=True)
 
     def poke(self) -> None:
         """Run the next cycle now (a job was submitted), not at the end of the current wait."""
@@ -168,7 +178,7 @@ class Dispatcher:
             if current is None or current["state"] != st.DISPATCHING:
                 return  # cancelled since it was admitted: never start it
             crash_point("before_ray_submit")
-            self.ray.submit(sid, entrypoint(row, self.settings.job_cwd), {"labtrain_queue_job": row["id"], "user": row["user"]})
+            self.ray.submit(sid, entrypoint(row, self.settings.job_cwd, self.done_dir), {"labtrain_queue_job": row["id"], "user": row["user"]})
             crash_point("after_ray_submit")
         self.store.transition(row["id"], [st.DISPATCHING], st.RUNNING)
 
@@ -184,6 +194,10 @@ class Dispatcher:
             if self._missing[sid] < 2:
                 return  # said twice in a row before the job is requeued
             del self._missing[sid]
+            done = done_file(self.done_dir, row["id"])
+            if state == st.RUNNING and done and os.path.exists(done):  # it completed while the queue was away: never again
+                self.store.end_holding(row["id"], [state], st.SUCCEEDED, message=f"completed (its record {done}; Ray no longer knows {sid})", **end)
+                return
             final = {st.RUNNING: st.WAITING, st.PREEMPTING: st.WAITING, st.CANCELLING: st.CANCELLED}[state]
             self.store.end_holding(row["id"], [state], final, message=f"Ray has no job {sid}", **end)
             return

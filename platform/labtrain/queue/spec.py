@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -119,3 +120,14 @@ class Settings(Config):
     job_cwd: str | None = Field(None, description="Directory the job entrypoints run in (the checkout on the cluster); None: Ray's default.")
     capacity: dict[str, float] | None = Field(None, description="Fixed capacity {CPU, GPU, memory}; None reads it from the Ray cluster.")
     preemption: bool = Field(True, description="Let waiting higher-priority jobs stop lower-priority running ones.")
+    done_dir: str | None = Field(
+        None,
+        description="Directory where a job's run records that it completed (--done-file), seen by the service and the jobs' drivers; a job "
+        "that Ray no longer knows (a cluster restart) and that left its record is not run again. None: <directory of the SQLite db>/done, "
+        "or no record for PostgreSQL (LABTRAIN_QUEUE_DONE_DIR).",
+    )
+
+    def resolved_done_dir(self) -> str | None:
+        if self.done_dir:
+            return os.path.abspath(self.done_dir)
+        return None if "://" in self.db else os.path.join(os.path.dirname(os.path.abspath(self.db)), "done")
