@@ -247,7 +247,7 @@ def cmd_queue(args) -> int:
     for j in sorted(jobs, key=lambda j: (j["state"] == "WAITING", j["submitted_at"])):
         since = j["started_at"] if j["started_at"] else j["queued_at"]
         table.add_row(j["id"], j["user"], j["job"], j["priority"], j["state"], str(j["workers"]), f"{j['cpus']:g}", f"{j['gpus']:g}",
-                      _age((j["ended_at"] or now) - since), _age(j["time_limit_s"]), j["message"][:40])
+                      _age((j["ended_at"] or now) - since), _age(j["time_limit_s"]), j["message"][:80])
     _table_console().print(table)
     return 0
 

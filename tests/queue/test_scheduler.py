@@ -172,3 +172,24 @@ def test_preemption_stops_only_jobs_holding_what_the_head_lacks():
     run = [running("c1", "a", cpus=1, started=30, priority=LOW), running("c2", "a", cpus=3, started=20, priority=LOW), running("c3", "a", cpus=2, started=10, priority=LOW)]
     p = plan(capacity=(6, 0, math.inf), users=u, groups={}, running=run, waiting=[waiting("urgent", "b", cpus=3, priority=HIGH, at=60)], now=60.0)
     assert p.preempt == ["c2"]  # c1 was taken first, but c2 alone frees the 3 CPUs
+
+
+def test_every_waiting_job_gets_its_reason_in_words():
+    from labtrain.queue.scheduler import reason
+
+    u = users(("alice", "vision", 1.0, 0.0), ("bob", "vision", 1.0, 0.0), alice=Quota(jobs=1))
+    result = plan(capacity=(4.0, 0.0, math.inf), users=u, groups={"vision": Quota(gpus=0)},
+                  running=[running("r1", "alice", cpus=1), running("r2", "bob", cpus=2)],
+                  waiting=[waiting("held", "alice", at=1), waiting("head", "bob", cpus=2, at=2), waiting("next", "bob", cpus=2, at=3),
+                           waiting("huge", "bob", cpus=64, at=4), waiting("gpu", "bob", cpus=0.5, gpus=1, at=5), waiting("ghost", "carol", at=6)],
+                  now=10.0)
+    words = {job: reason(why, result) for job, why in result.waits.items()}
+    assert words["held"] == "user quota: jobs 1 held of 1"
+    assert words["head"] == "next to start: waiting for CPUs to free up" and result.head == "head"
+    assert words["next"].startswith("behind the next job to start (priority, then fair share, then age)")
+    assert words["huge"] == words["gpu"] == "the gang is larger than the whole cluster"
+    assert words["ghost"] == "its user is not in the queue any more"
+    u = users(("alice", "vision", 1.0, 0.0))
+    result = plan(capacity=(8.0, 4.0, math.inf), users=u, groups={"vision": Quota(gpus=1)}, running=[running("r", "alice", cpus=1, gpus=1)],
+                  waiting=[waiting("g", "alice", gpus=1)], now=1.0)
+    assert reason(result.waits["g"], result) == "group vision quota: GPUs 1 held of 1"

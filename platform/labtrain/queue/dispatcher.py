@@ -17,7 +17,7 @@ from typing import Any
 
 from labtrain.queue import store as st
 from labtrain.queue.metrics import QueueMetrics
-from labtrain.queue.scheduler import plan
+from labtrain.queue.scheduler import plan, reason
 from labtrain.queue.spec import Settings
 
 log = logging.getLogger("labtrain.queue")
@@ -26,6 +26,7 @@ RAY_TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
 CRASH_ENV = "LABTRAIN_QUEUE_CRASH_AT"
+WRITE_REASONS = 200  # waiting jobs' REASONs written per cycle at most
 
 
 def crash_point(name: str) -> None:
@@ -118,6 +119,7 @@ class Dispatcher:
             settings.capacity.get(k, 0.0) for k in ("CPU", "GPU", "memory")) if settings.capacity else None
         self._capacity_at = -float("inf")
         self._missing: dict[str, int] = {}  # submission id -> consecutive cycles Ray said it has no such job
+        self._reasons: dict[str, str] = {}  # waiting job -> the REASON last written
         self._wake = threading.Event()
         self.done_dir = settings.resolved_done_dir()
         if self.done_dir:
@@ -159,6 +161,7 @@ class Dispatcher:
         if capacity is None or self.ray is None:
             return
         result = plan(capacity=capacity, users=users, groups=groups, running=running, waiting=waiting, now=now, preemption=s.preemption)
+        self._write_reasons(result)
         for job_id in result.preempt:
             if self.store.transition(job_id, [st.RUNNING], st.PREEMPTING, message=f"preempted for {result.head}"):
                 self.metrics.preemptions.inc()
@@ -169,6 +172,21 @@ class Dispatcher:
             except Exception as error:
                 self.metrics.dispatch_errors.inc()
                 log.warning("submitting job %s failed (retried next cycle): %s", row["id"], error)
+
+    def _write_reasons(self, result) -> None:
+        """Each waiting job's REASON in words, written only when it changed (a job the cycle did not reach
+        keeps its last one), at most WRITE_REASONS a cycle so a queue of thousands never holds the store long."""
+        changed = {}
+        for job_id, why in result.waits.items():
+            text = reason(why, result)
+            if self._reasons.get(job_id) != text:
+                changed[job_id] = self._reasons[job_id] = text
+                if len(changed) >= WRITE_REASONS:
+                    break
+        if changed:
+            self.store.set_waiting_messages(changed)
+        if len(self._reasons) > 2 * max(len(result.waits), 1000):  # forget jobs that left the queue
+            self._reasons = {k: v for k, v in self._reasons.items() if k in result.waits}
 
     def ensure_submitted(self, row: dict) -> None:
         """DISPATCHING -> RUNNING, submitting to Ray only if the submission id is not there yet."""

@@ -76,6 +76,24 @@ class Plan:
     preempt: list[str] = field(default_factory=list)
     head: str | None = None
     shadow_s: float | None = None  # when the head can start at the latest, by running jobs' time limits
+    waits: dict[str, tuple] = field(default_factory=dict)  # waiting job -> why, as (kind, detail...): see reason()
+
+
+def reason(why: tuple, plan: "Plan") -> str:
+    """A waiting job's REASON in words, from its entry in ``Plan.waits`` (formatted only when it changes)."""
+    kind, *detail = why
+    if kind == "unknown_user":
+        return "its user is not in the queue any more"
+    if kind == "too_big":
+        return "the gang is larger than the whole cluster"
+    if kind == "quota":
+        who, what, held, limit = detail
+        return f"{who} quota: {what} {held:g} held of {limit:g}"
+    if kind == "head":
+        return f"next to start: waiting for {', '.join(detail[0]) or 'resources'} to free up"
+    if kind == "behind":
+        return "behind the next job to start (priority, then fair share, then age); backfills only if it cannot delay that one"
+    return kind
 
 
 def decay(usage: float, elapsed_s: float, half_life_s: float) -> float:
@@ -181,15 +199,18 @@ def plan(
                 h[1] += job.gpus
                 h[2] += 1
 
-    def within(key: str, quota: Quota | None, job: Waiting) -> bool:
+    def over(key: str, quota: Quota | None, job: Waiting) -> tuple | None:
+        """(what, held, limit) of the first limit of ``quota`` that ``job`` would pass, or None."""
         if quota is None:
-            return True
+            return None
         cpus, gpus, num_jobs = held.get(key, (0.0, 0.0, 0))
-        return (
-            (quota.cpus is None or cpus + job.cpus <= quota.cpus + EPS)
-            and (quota.gpus is None or gpus + job.gpus <= quota.gpus + EPS)
-            and (quota.jobs is None or num_jobs + 1 <= quota.jobs)
-        )
+        if quota.cpus is not None and cpus + job.cpus > quota.cpus + EPS:
+            return ("CPUs", cpus, quota.cpus)
+        if quota.gpus is not None and gpus + job.gpus > quota.gpus + EPS:
+            return ("GPUs", gpus, quota.gpus)
+        if quota.jobs is not None and num_jobs + 1 > quota.jobs:
+            return ("jobs", num_jobs, quota.jobs)
+        return None
 
     def take(job: Waiting) -> None:
         free.add(job, -1.0)
@@ -205,9 +226,13 @@ def plan(
     started: list[Running] = []  # jobs admitted this cycle: they hold resources until their time limit too
     for job in order(waiting, fair_share_factors(users)):
         user = users.get(job.user)
-        if user is None or not total.fits(job):
-            continue  # unknown user or larger than the whole cluster: it can never start
-        if not (within(job.user, user.quota, job) and within("group:" + user.group, groups.get(user.group), job)):
+        if user is None or not total.fits(job):  # it can never start
+            result.waits[job.id] = ("unknown_user",) if user is None else ("too_big",)
+            continue
+        limit = over(job.user, user.quota, job)
+        group_limit = None if limit else over("group:" + user.group, groups.get(user.group), job)
+        if limit or group_limit:
+            result.waits[job.id] = ("quota", "user" if limit else f"group {user.group}", *(limit or group_limit))
             continue
         fits = free.fits(job)
         if result.head is None:
@@ -217,12 +242,14 @@ def plan(
                 started.append(Running(job.id, job.user, job.priority, now, job.cpus, job.gpus, job.memory, job.time_limit_s))
                 continue
             result.head = job.id
+            result.waits[job.id] = ("head", tuple(name for name, s in zip(("CPUs", "GPUs", "memory"), _short_of(job, free)) if s))
             result.shadow_s, extra = _shadow(job, free, running + started, now)
             if preemption and not any(r.stopping for r in running):
                 result.preempt = _choose_victims(job, free, running)
                 if result.preempt:
                     break  # the freed resources are the head's; nothing backfills into them
             continue
+        result.waits[job.id] = ("behind",)
         if free.cpus <= EPS and free.gpus <= EPS:
             break  # nothing more can fit this cycle
         if not fits or math.isinf(result.shadow_s):
@@ -232,6 +259,7 @@ def plan(
             if not ends_before_head:
                 extra.add(job, -1.0)
             take(job)
+            del result.waits[job.id]
             result.admit.append(job.id)
             result.backfilled.append(job.id)
     return result

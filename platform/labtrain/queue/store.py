@@ -219,6 +219,12 @@ class Store:
             conn.execute(jobs_t.update().where(jobs_t.c.id == job_id, jobs_t.c.state.in_([DISPATCHING, RUNNING, PREEMPTING])).values(state=CANCELLING, message="cancel requested"))
         return self.job(job_id)
 
+    def set_waiting_messages(self, messages: dict[str, str]) -> None:
+        """Set the REASON of jobs that are still WAITING (one transaction)."""
+        with self.tx() as conn:
+            for job_id, text in messages.items():
+                conn.execute(jobs_t.update().where((jobs_t.c.id == job_id) & (jobs_t.c.state == WAITING)).values(message=text))
+
     def transition(self, job_id: str, frm: Iterable[str], to: str, **values) -> bool:
         """Move a job from one of ``frm`` to ``to``; False if it was no longer in ``frm`` (a cancel won the race)."""
         with self.tx() as conn:
