@@ -16,31 +16,19 @@ from jobs.nas.model import SpaceError
 from jobs.nas.run import StateError, prepare, run_search
 from jobs.nas.table import TableError
 from labtrain.config import ConfigError, load_config
-from labtrain.launch import job_arguments, mark_done
+from labtrain.launch import gang_overrides, job_arguments, mark_done
 
-
-def gang_overrides(args) -> list[str]:
-    """The queue's gang as the search's trials: ``--workers`` concurrent trials with the resources of one
-    worker each (they run inside the gang the queue reserved), ``--name`` the search's name."""
-    extra = []
-    if args.workers is not None:
-        extra.append(f"trials.max_concurrent={args.workers}")
-    if args.cpus_per_worker is not None:
-        extra.append(f"trials.cpus_per_trial={args.cpus_per_worker:g}")
-    if args.gpus_per_worker is not None:
-        extra.append(f"trials.gpus_per_trial={args.gpus_per_worker:g}")
-    if args.memory_gb_per_worker is not None:
-        extra.append(f"trials.resources_per_trial={{memory: {int(args.memory_gb_per_worker * 2**30)}}}")
-    if args.name is not None and not any(o.startswith("name=") for o in args.overrides):
-        extra.append(f"name={args.name}")
-    return [*args.overrides, *extra]
+# The queue's gang as the search's trials: ``--workers`` concurrent trials with one worker's resources each
+# (they run inside the gang the queue reserved); ``--name`` names the search.
+NAS_GANG = {"workers": "trials.max_concurrent", "cpus_per_worker": "trials.cpus_per_trial", "gpus_per_worker": "trials.gpus_per_trial",
+            "memory_gb_per_worker": "trials.resources_per_trial", "name": "name"}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = job_arguments("python -m jobs.nas", __doc__).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        cfg = load_config(NasConfig, args.config, gang_overrides(args))
+        cfg = load_config(NasConfig, args.config, gang_overrides(args, NAS_GANG))
         if args.check:
             print(f"ok: NasConfig from {args.config} is valid", flush=True)
             return 0

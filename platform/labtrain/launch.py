@@ -4,7 +4,7 @@ Every job's command line is also the contract with the lab queue: ``--config FIL
 gang the queue admitted (``--workers``, ``--cpus-per-worker``, ``--gpus-per-worker``, ``--memory-gb-per-worker``),
 a default ``--name`` (the queue's job id) and ``--check``, which validates everything that can be validated
 without the data and starts nothing. Each job maps the gang onto its own config: a Ray Train job onto
-``run.*`` (:func:`trainer_overrides`), the NAS search onto its trials.
+``run.*`` (:func:`gang_overrides`), the NAS search onto its trials.
 """
 
 from __future__ import annotations
@@ -50,19 +50,19 @@ def mark_done(args: argparse.Namespace) -> None:
     os.replace(tmp, args.done_file)
 
 
-def trainer_overrides(args: argparse.Namespace) -> list[str]:
-    """The gang of ``args`` as a Ray Train job's ``run.*`` overrides, after the user's (so it wins)."""
-    extra = []
-    if args.workers is not None:
-        extra.append(f"run.num_workers={args.workers}")
-    if args.cpus_per_worker is not None:
-        extra.append(f"run.cpus_per_worker={args.cpus_per_worker:g}")
-    if args.gpus_per_worker is not None:
-        extra.append(f"run.gpus_per_worker={args.gpus_per_worker:g}")
+# Where each part of the gang goes in a Ray Train job's config (other jobs pass their own map).
+TRAINER_GANG = {"workers": "run.num_workers", "cpus_per_worker": "run.cpus_per_worker", "gpus_per_worker": "run.gpus_per_worker",
+                "memory_gb_per_worker": "run.resources_per_worker", "name": "run.name"}
+
+
+def gang_overrides(args: argparse.Namespace, fields: dict[str, str] = TRAINER_GANG) -> list[str]:
+    """The user's overrides, then the gang of ``args`` as overrides of ``fields`` (so it wins); the name only
+    when the user did not set it."""
+    extra = [f"{fields[arg]}={getattr(args, arg):g}" for arg in ("workers", "cpus_per_worker", "gpus_per_worker") if getattr(args, arg) is not None]
     if args.memory_gb_per_worker is not None:
-        extra.append(f"run.resources_per_worker={{memory: {int(args.memory_gb_per_worker * 2**30)}}}")
-    if args.name is not None and not any(o.startswith("run.name=") for o in args.overrides):
-        extra.append(f"run.name={args.name}")
+        extra.append(f"{fields['memory_gb_per_worker']}={{memory: {int(args.memory_gb_per_worker * 2**30)}}}")
+    if args.name is not None and not any(o.startswith(fields["name"] + "=") for o in args.overrides):
+        extra.append(f"{fields['name']}={args.name}")
     return [*args.overrides, *extra]
 
 
@@ -104,7 +104,7 @@ def job_main(
     from labtrain.train.strategies import check_support
 
     try:
-        cfg = storage.resolve_paths(load_config(cls, args.config, trainer_overrides(args)))
+        cfg = storage.resolve_paths(load_config(cls, args.config, gang_overrides(args)))
         if args.check:  # what can be refused without the data (the queue's submit-time check)
             run_cfg = next(value for _, value in cfg if isinstance(value, RunConfig))
             check_support(run_cfg, num_models=num_models, shared_parameters=shared_parameters)

@@ -16,7 +16,7 @@ from pathlib import Path
 from pydantic import Field
 
 from labtrain.config import Config, ConfigError, RunConfig, load_config
-from labtrain.launch import job_arguments, mark_done, trainer_overrides
+from labtrain.launch import gang_overrides, job_arguments, mark_done
 
 
 class SleepConfig(Config):
@@ -30,7 +30,7 @@ class SleepConfig(Config):
 def main() -> int:
     args = job_arguments("python -m tests.queue.sleepjob", __doc__).parse_args()
     try:
-        cfg = load_config(SleepConfig, args.config, trainer_overrides(args))
+        cfg = load_config(SleepConfig, args.config, gang_overrides(args))
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

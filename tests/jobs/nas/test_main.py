@@ -78,14 +78,14 @@ def test_a_saved_state_of_another_search_is_not_continued(tmp_path, nb201_table)
 
 
 def test_the_queues_gang_becomes_concurrent_trials_with_their_resources():
-    from jobs.nas.__main__ import gang_overrides
-    from labtrain.launch import job_arguments
+    from jobs.nas.__main__ import NAS_GANG
+    from labtrain.launch import gang_overrides, job_arguments
 
     args = job_arguments("nas", None).parse_args(["--config", "x.yaml", "name=mine", "--workers", "3", "--cpus-per-worker", "0.5",
                                                   "--gpus-per-worker", "1", "--memory-gb-per-worker", "2", "--name", "lt-1"])
-    cfg = load_config(NasConfig, REPO / "jobs/nas/configs/nb201_table.yaml", gang_overrides(args))
+    cfg = load_config(NasConfig, REPO / "jobs/nas/configs/nb201_table.yaml", gang_overrides(args, NAS_GANG))
     trials = cfg.trials
     assert (trials.max_concurrent, trials.cpus_per_trial, trials.gpus_per_trial, trials.resources_per_trial) == (3, 0.5, 1.0, {"memory": 2 * 2**30})
     assert cfg.name == "mine"  # the user's name wins over the queue's default
     args = job_arguments("nas", None).parse_args(["--config", "x.yaml", "--name", "lt-1"])
-    assert load_config(NasConfig, REPO / "jobs/nas/configs/nb201_table.yaml", gang_overrides(args)).name == "lt-1"
+    assert load_config(NasConfig, REPO / "jobs/nas/configs/nb201_table.yaml", gang_overrides(args, NAS_GANG)).name == "lt-1"
