@@ -138,11 +138,10 @@ def _queue_cmd(fn):
 def _check_job(args) -> None:
     """Validate the job here, with the job's own code (``python -m <job> --config ... --check``, the same
     checks it makes at start, short of reading its data), before it waits in the queue."""
+    from labtrain.launch import gang_flags
     from labtrain.queue.client import QueueError
 
-    gang = ["--workers", str(args.workers), "--cpus-per-worker", f"{args.cpus_per_worker:g}", "--gpus-per-worker", f"{args.gpus_per_worker:g}"]
-    if args.memory_gb_per_worker is not None:
-        gang += ["--memory-gb-per-worker", f"{args.memory_gb_per_worker:g}"]
+    gang = gang_flags(args.workers, args.cpus_per_worker, args.gpus_per_worker, args.memory_gb_per_worker)
     cmd = [sys.executable, "-m", args.job, "--config", args.config, *args.overrides, *gang, "--check"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if proc.returncode == 0:

@@ -55,6 +55,14 @@ TRAINER_GANG = {"workers": "run.num_workers", "cpus_per_worker": "run.cpus_per_w
                 "memory_gb_per_worker": "run.resources_per_worker", "name": "run.name"}
 
 
+def gang_flags(workers: int, cpus_per_worker: float, gpus_per_worker: float, memory_gb_per_worker: float | None) -> list[str]:
+    """The gang as the command-line flags of :func:`job_arguments` (what the queue and ``labtrain submit`` pass)."""
+    flags = ["--workers", str(workers), "--cpus-per-worker", f"{cpus_per_worker:g}", "--gpus-per-worker", f"{gpus_per_worker:g}"]
+    if memory_gb_per_worker:
+        flags += ["--memory-gb-per-worker", f"{memory_gb_per_worker:g}"]
+    return flags
+
+
 def gang_overrides(args: argparse.Namespace, fields: dict[str, str] = TRAINER_GANG) -> list[str]:
     """The user's overrides, then the gang of ``args`` as overrides of ``fields`` (so it wins); the name only
     when the user did not set it."""

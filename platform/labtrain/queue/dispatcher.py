@@ -15,6 +15,7 @@ import threading
 import time
 from typing import Any
 
+from labtrain.launch import gang_flags
 from labtrain.queue import store as st
 from labtrain.queue.metrics import QueueMetrics
 from labtrain.queue.scheduler import plan, reason
@@ -102,9 +103,7 @@ def entrypoint(row: dict[str, Any], job_cwd: str | None = None, done_dir: str | 
     contract every job's command line takes (labtrain.launch), which each job maps onto its own config. The
     name is the queue's job id unless the user's overrides set one, so every attempt of a job (after a
     preemption) resumes the same checkpoints. ``--done-file``: where the run records that it completed."""
-    gang = ["--workers", str(row["workers"]), "--cpus-per-worker", f"{row['cpus_per_worker']:g}", "--gpus-per-worker", f"{row['gpus_per_worker']:g}"]
-    if row["memory_gb_per_worker"]:
-        gang += ["--memory-gb-per-worker", f"{row['memory_gb_per_worker']:g}"]
+    gang = gang_flags(row["workers"], row["cpus_per_worker"], row["gpus_per_worker"], row["memory_gb_per_worker"])
     done = done_file(done_dir, row["id"])
     if done:
         gang += ["--done-file", done]

@@ -14,7 +14,7 @@ import re
 import shutil
 import tempfile
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -53,11 +53,10 @@ class RunLogger:
         self._writer = None
         self._local_dir: str | None = None  # events written here first when tensorboard_dir is s3://
         self._uploaded_at = 0.0
-        self._since = self._reset(step=None)
+        self._reset(step=None)
 
-    def _reset(self, step: int | None) -> dict[str, Any]:
+    def _reset(self, step: int | None) -> None:
         self._since = {"step": step, "time": time.perf_counter(), "samples": 0, "step_s": 0.0, "wait_s": 0.0}
-        return self._since
 
     def start(self) -> None:
         """The first batch of this attempt arrived: throughput is measured from here, not from start-up."""
@@ -74,11 +73,13 @@ class RunLogger:
         if self.rank == 0:
             progress_log.info(message, *args)
 
-    def log(self, step: int, *, epoch: int | None, lrs: list[float], scalars: dict[str, Any]) -> None:
+    def log(self, step: int, *, epoch: int | None, lrs: Callable[[], list[float]], scalars: dict[str, Any]) -> None:
+        """Every step; does its work (tensors read, ``lrs()`` called) only every ``log_every`` steps."""
         if self._since["step"] is None:  # the first step of this attempt (maybe after a restore)
             self._since["step"] = step - 1
         if step % self.cfg.log_every and step != self.total_steps:
             return
+        lrs = lrs()
         values = {name: _number(value) for name, value in scalars.items()}
         loss = values.get("loss")
         if loss is not None:

@@ -253,9 +253,11 @@ class Session:
         """This step's scalars (tensors or numbers: ``loss`` and the job's own signals). Every
         ``run.log_every`` steps they become a progress line and TensorBoard points (rank 0) and
         Prometheus gauges (every rank); tensors are read only then."""
-        lrs = [float(e.optimizer.param_groups[0]["lr"]) for e in self.strategy.entries if e.trained]
-        self.logger.log(step, epoch=self._epoch, lrs=lrs, scalars=scalars)
+        self.logger.log(step, epoch=self._epoch, lrs=self._learning_rates, scalars=scalars)
         self._last_scalars = scalars
+
+    def _learning_rates(self) -> list[float]:
+        return [float(e.optimizer.param_groups[0]["lr"]) for e in self.strategy.entries if e.trained]
 
     def log_image(self, step: int, tag: str, image_CHW: torch.Tensor) -> None:
         """An image (C, H, W) in [0, 1], e.g. a grid of samples, in TensorBoard (rank 0)."""

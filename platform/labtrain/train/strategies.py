@@ -200,9 +200,6 @@ class DeepSpeedStrategy(Strategy):
         # unmanaged accumulation: the engine reduces in step(), which the session calls on the boundary only
         entry.wrapped.backward(loss / self.cfg.accumulate_batches)
 
-    def set_gradient_sync(self, sync: bool) -> None:
-        del sync
-
     def clip(self, entry: Prepared) -> None:
         del entry  # the engine clips (gradient_clipping), after its reduction
 
