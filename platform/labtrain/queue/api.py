@@ -10,8 +10,9 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import orjson
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
@@ -82,7 +83,7 @@ def create_app(settings: Settings, *, run_dispatcher: bool = True) -> FastAPI:
     app = FastAPI(title="labtrain queue", version="1", description="The shared lab queue in front of Ray.", lifespan=lifespan)
     app.state.service = service
 
-    def user(request: Request) -> dict:
+    async def user(request: Request) -> dict:
         auth = request.headers.get("authorization", "")
         scheme, _, token = auth.partition(" ")
         if scheme.lower() != "bearer" or not token:
@@ -146,12 +147,12 @@ def create_app(settings: Settings, *, run_dispatcher: bool = True) -> FastAPI:
         return _public(row)
 
     @app.get("/api/v1/jobs")
-    def list_jobs(all: bool = False, state: str | None = None, limit: int = Query(500, ge=1, le=10_000), me: dict = Depends(user)) -> JSONResponse:
+    async def list_jobs(all: bool = False, state: str | None = None, limit: int = Query(500, ge=1, le=10_000), me: dict = Depends(user)) -> Response:
         """Your jobs, newest first (an admin's ``all=true``: everyone's); ``state=WAITING,RUNNING`` filters."""
         states = state.upper().split(",") if state else None
         owner = None if (all and me["admin"]) else me["name"]
-        # A plain JSONResponse: the rows are JSON already, and response-model validation would double the time.
-        return JSONResponse([_public(r) for r in service.store.jobs(user=owner, states=states, limit=limit)])
+        # orjson straight from the rows: response-model validation would double the time, json.dumps adds a third.
+        return Response(orjson.dumps([_public(r) for r in service.store.jobs(user=owner, states=states, limit=limit)]), media_type="application/json")
 
     @app.get("/api/v1/jobs/{job_id}")
     def show(job_id: str, me: dict = Depends(user)) -> dict:
