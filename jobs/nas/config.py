@@ -68,6 +68,11 @@ class TableEvaluatorConfig(Config):
     path: StoragePath = Field(description="CSV with a header; an absolute path, s3://..., or a path under the storage root (LABTRAIN_STORAGE_ROOT, default ./runs).")
     arch_column: str = Field("arch", description="Column of architecture strings.")
     score_column: str = Field("test_accuracy", description="Column of scores (higher is better).")
+    seconds_per_query: float = Field(
+        0.0, ge=0, le=3600,
+        description="Simulated training time: each lookup takes this long, so a table search paces like a live one (for trying the "
+        "cluster's scheduling, preemption and the queue on it). Not part of the search's identity: a saved search continues with another value.",
+    )
 
 
 class InputConfig(Config):

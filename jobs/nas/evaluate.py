@@ -26,12 +26,15 @@ class Evaluator(Protocol):
 class TableEvaluator:
     """A tabular oracle: the score of ``arch`` is its row's score."""
 
-    def __init__(self, scores: dict[str, float]):
+    def __init__(self, scores: dict[str, float], seconds_per_query: float = 0.0):
         self.scores = scores
+        self.seconds_per_query = seconds_per_query
 
     def evaluate(self, arch: str) -> float:
         if arch not in self.scores:
             raise KeyError(f"{arch!r} is not in the table")
+        if self.seconds_per_query:
+            time.sleep(self.seconds_per_query)
         return self.scores[arch]
 
 

@@ -61,7 +61,7 @@ def prepare(cfg: NasConfig) -> Prepared:
     ev = cfg.evaluator
     if ev.kind == "table":
         table = read_table(ev.path, space, arch_column=ev.arch_column, score_column=ev.score_column)
-        candidates, archs, evaluator, table_best = table.choices_ND, table.archs, TableEvaluator(table.lookup()), table.best_score
+        candidates, archs, evaluator, table_best = table.choices_ND, table.archs, TableEvaluator(table.lookup(), ev.seconds_per_query), table.best_score
     else:
         check_space(space, cfg.space, channels=ev.input.channels, image_size=ev.input.image_size, num_frames=ev.input.num_frames, num_classes=ev.input.num_classes)
         ev = require_corpus(ev, video=cfg.space.kind == "x3d")
@@ -78,7 +78,8 @@ def fingerprint(cfg: NasConfig, archs: list[str]) -> dict:
     """What a saved state must match to be continued (the budget and trials settings may change)."""
     digest = hashlib.sha256("\n".join(archs).encode()).hexdigest()
     search = cfg.search.model_dump(exclude={"budget", "methods"})
-    return {"space": cfg.space.model_dump(), "evaluator": cfg.evaluator.model_dump(), "search": search, "candidates_sha256": digest}
+    evaluator = cfg.evaluator.model_dump(exclude={"seconds_per_query"})  # pacing only: the same scores
+    return {"space": cfg.space.model_dump(), "evaluator": evaluator, "search": search, "candidates_sha256": digest}
 
 
 def load_state(out_dir: str, expected: dict) -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from pathlib import Path
 
 import pytest
 from ray.job_submission import JobSubmissionClient
@@ -109,6 +110,43 @@ def test_preempted_job_resumes_from_its_checkpoint_and_finishes(make_server, ray
     assert ray.get_job_status(low).value == "STOPPED" and ray.get_job_status(f"{low}-r2").value == "SUCCEEDED"
     metrics = __import__("httpx").get(server.url + "/metrics").text
     assert "labtrain_queue_preemptions_total 1.0" in metrics
+
+
+def test_a_preempted_nas_search_continues_from_its_saved_state(make_server, ray_cluster):
+    """NAS through the queue, preempted: its four concurrent trials (the gang) stop, and the second attempt
+    continues the same search (named by the queue's job id) from its state.json instead of starting again."""
+    import json
+    import os
+
+    from tests.conftest import REPO
+    from tests.jobs.nas.conftest import NB201_TABLE
+
+    server = make_server(ray_cluster.dashboard_url, extra_args=["--job-cwd", str(REPO)])
+    alice, bob, admin = server.client("alice"), server.client("bob"), server.client("admin")
+    budget = 16
+    low = submit(alice, {"job": "jobs.nas", "config": "jobs/nas/configs/nb201_table.yaml", "priority": "low", "resources": {"workers": 4, "cpus_per_worker": 1},
+                         "overrides": [f"evaluator.path={NB201_TABLE}", "evaluator.seconds_per_query=1.5", "search.methods=[random]", f"search.budget={budget}"]})
+    state_file = Path(os.environ["LABTRAIN_STORAGE_ROOT"]) / "nas" / low / "state.json"
+
+    def finished() -> int:
+        try:
+            trials = json.loads(state_file.read_text())["methods"]["random"]["trials"]
+        except (OSError, ValueError, KeyError):
+            return 0
+        return sum(t["status"] != "pending" for t in trials)
+
+    wait_for(lambda: finished() >= 4, 120, what="4 finished trials of the search")
+    high = submit(bob, {**server.sleep_spec("nas-high", workers=2), "priority": "high"})
+    jobs = wait_states(admin, [low, high], timeout_s=240)
+    assert jobs[low]["num_preemptions"] == 1 and jobs[low]["attempt"] == 2, jobs[low]
+    ray = JobSubmissionClient(ray_cluster.dashboard_url)
+    assert ray.get_job_status(low).value == "STOPPED"
+    second = ray.get_job_logs(f"{low}-r2")
+    resumed = int(second.split("random: ")[1].split("/")[0])
+    assert resumed >= 4, second[-3000:]  # it continued from the saved trials, not from 0
+    assert f"random: {budget} done, 0 failed" in second
+    trials = json.loads(state_file.read_text())["methods"]["random"]["trials"]
+    assert len(trials) == budget and len({t["arch"] for t in trials}) == budget  # no architecture run twice
 
 
 def test_time_limit_stops_a_job_and_cli_logs_follow(make_server, ray_cluster):
