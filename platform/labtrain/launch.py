@@ -36,18 +36,15 @@ def job_arguments(prog: str, description: str | None) -> argparse.ArgumentParser
 
 
 def mark_done(args: argparse.Namespace) -> None:
-    """Record that this run completed where the queue asked (``--done-file``), atomically."""
+    """Record that this run completed where the queue asked (``--done-file``: a path the queue's service can
+    read, or an s3:// URL on the AWS environment's store), so the queue never runs it again."""
     if not args.done_file:
         return
-    import json
-    import os
     import time
 
-    os.makedirs(os.path.dirname(os.path.abspath(args.done_file)), exist_ok=True)
-    tmp = f"{args.done_file}.tmp"
-    with open(tmp, "w") as out:
-        json.dump({"name": args.name, "config": args.config, "completed_at": time.time()}, out)
-    os.replace(tmp, args.done_file)
+    from labtrain import storage
+
+    storage.write_json(args.done_file, {"name": args.name, "config": args.config, "completed_at": time.time()})
 
 
 # Where each part of the gang goes in a Ray Train job's config (other jobs pass their own map).

@@ -92,3 +92,34 @@ def upload(local_path: str, url: str, s3_cfg: S3Config) -> None:
 
         os.makedirs(os.path.dirname(url), exist_ok=True)
         shutil.copyfile(local_path, url)
+
+
+def write_json(url: str, obj: Any, s3_cfg: S3Config | None = None) -> None:
+    """Write ``obj`` as JSON to a local path (atomically: a reader sees all of it or nothing) or an s3:// URL
+    (an S3 put is atomic already); s3 on ``s3_cfg``'s store, default: the AWS environment's."""
+    import json
+
+    data = json.dumps(obj).encode()
+    if url.startswith("s3://"):
+        from labtrain.data import s3
+
+        def put() -> None:
+            with s3.filesystem(s3_cfg).open(url, "wb") as out:
+                out.write(data)
+
+        s3.with_retries(put, what=url, cfg=s3_cfg)
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(url)), exist_ok=True)
+    tmp = f"{url}.tmp"
+    with open(tmp, "wb") as out:
+        out.write(data)
+    os.replace(tmp, url)
+
+
+def exists(url: str, s3_cfg: S3Config | None = None) -> bool:
+    """Whether a local path or s3:// object exists (s3 errors other than a missing object are raised)."""
+    if url.startswith("s3://"):
+        from labtrain.data import s3
+
+        return s3.with_retries(lambda: s3.filesystem(s3_cfg).exists(url), what=url, cfg=s3_cfg)
+    return os.path.exists(url)

@@ -207,6 +207,32 @@ def test_queue_deployment_points_at_the_job_api(helm):
     assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
 
 
+def test_queue_completion_records_live_where_the_jobs_drivers_write_them(helm):
+    """Exactly once across a cluster restart needs the run's record where both the Ray head (the driver
+    writes it) and the queue's pod (it reads it) reach: the S3 storage root, or the shared claim mounted in
+    both; with neither, records are off rather than written to one pod's own disk."""
+    def queue_pod(docs):
+        return one(docs, "Deployment")["spec"]["template"]["spec"]
+
+    pod = queue_pod(render(CI / "network-policy-values.yaml"))  # S3 on MinIO (and a claim)
+    env = env_of(pod["containers"][0])
+    assert env["LABTRAIN_QUEUE_DONE_DIR"]["value"] == "s3://lab-runs/labtrain/queue/done"
+    assert env["AWS_ENDPOINT_URL"]["value"] == "http://minio.storage.svc:9000"
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "lab-s3", "key": "AWS_SECRET_ACCESS_KEY"}
+
+    docs = render(sets=("storage.existingClaim=lab-nfs",))
+    pod = queue_pod(docs)
+    (queue,) = pod["containers"]
+    assert env_of(queue)["LABTRAIN_QUEUE_DONE_DIR"]["value"] == "/mnt/labtrain/queue/done"
+    assert {"name": "storage", "mountPath": "/mnt/labtrain"} in queue["volumeMounts"]
+    assert {v["name"]: v for v in pod["volumes"]}["storage"]["persistentVolumeClaim"]["claimName"] == "lab-nfs"
+    assert env_of(ray_pods(docs)["head"]["containers"][0])["LABTRAIN_STORAGE_ROOT"]["value"] == "/mnt/labtrain"
+
+    for sets in ((), ("storage.root=/data/runs",)):  # no storage the queue's pod shares
+        env = env_of(queue_pod(render(sets=sets))["containers"][0])
+        assert env["LABTRAIN_QUEUE_DONE_DIR"]["value"] == "off" and "AWS_ENDPOINT_URL" not in env, sets
+
+
 def test_queue_users_file_is_what_the_queue_loads(helm, tmp_path):
     from labtrain.queue.spec import load_users_file
 

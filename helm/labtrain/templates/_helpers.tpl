@@ -108,11 +108,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 
-{{/* Env of every Ray container: auth, metrics directory, storage root, S3. */}}
-{{- define "labtrain.rayEnv" -}}
-{{- include "labtrain.rayAuthEnv" . }}
-- name: LABTRAIN_METRICS_DIR
-  value: {{ .Values.metrics.dir | quote }}
+{{/* The storage root every Ray pod shares: storage.root, else s3://<bucket>/<prefix>, else the claim's mount; empty: none. */}}
+{{- define "labtrain.storageRoot" -}}
 {{- $root := .Values.storage.root }}
 {{- if and (not $root) .Values.s3.enabled .Values.s3.bucket }}
 {{- $root = printf "s3://%s/%s" .Values.s3.bucket .Values.s3.prefix | trimSuffix "/" }}
@@ -120,10 +117,20 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if and (not $root) .Values.storage.existingClaim }}
 {{- $root = .Values.storage.mountPath }}
 {{- end }}
-{{- if $root }}
-- name: LABTRAIN_STORAGE_ROOT
-  value: {{ $root | quote }}
+{{- $root }}
 {{- end }}
+
+{{/* The queue's completion records (LABTRAIN_QUEUE_DONE_DIR): under the storage root when the queue's pod reaches
+it too (S3, or the shared claim it mounts), else off (exactly-once across a cluster restart then needs them). */}}
+{{- define "labtrain.queueDoneDir" -}}
+{{- $root := include "labtrain.storageRoot" . }}
+{{- if and $root (or (hasPrefix "s3://" $root) (and .Values.storage.existingClaim (hasPrefix .Values.storage.mountPath $root))) }}
+{{- printf "%s/queue/done" (trimSuffix "/" $root) }}
+{{- else }}off{{- end }}
+{{- end }}
+
+{{/* The S3 settings of a pod: the standard AWS variables. */}}
+{{- define "labtrain.s3Env" -}}
 {{- if .Values.s3.enabled }}
 {{- $s3 := dict "max_attempts" (int .Values.s3.maxAttempts) }}
 {{- with .Values.s3.endpointUrl }}{{ $_ := set $s3 "endpoint_url" . }}
@@ -149,6 +156,18 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
       key: {{ $.Values.s3.secretAccessKeyKey }}
 {{- end }}
 {{- end }}
+{{- end }}
+
+{{/* Env of every Ray container: auth, metrics directory, storage root, S3. */}}
+{{- define "labtrain.rayEnv" -}}
+{{- include "labtrain.rayAuthEnv" . }}
+- name: LABTRAIN_METRICS_DIR
+  value: {{ .Values.metrics.dir | quote }}
+{{- with include "labtrain.storageRoot" . }}
+- name: LABTRAIN_STORAGE_ROOT
+  value: {{ . | quote }}
+{{- end }}
+{{- include "labtrain.s3Env" . }}
 {{- with .Values.ray.env }}
 {{ toYaml . }}
 {{- end }}

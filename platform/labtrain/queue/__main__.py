@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--job-cwd", default=env("LABTRAIN_QUEUE_JOB_CWD"), help="directory job entrypoints run in on the cluster")
     s.add_argument("--capacity", default=env("LABTRAIN_QUEUE_CAPACITY"), help='fixed capacity as JSON, e.g. {"CPU": 4, "GPU": 0}; default: read from Ray')
     s.add_argument("--no-preemption", action="store_true", help="never stop running jobs for higher-priority ones")
-    s.add_argument("--done-dir", default=env("LABTRAIN_QUEUE_DONE_DIR"), help="where runs record that they completed (default: beside the SQLite db)")
+    s.add_argument("--done-dir", default=env("LABTRAIN_QUEUE_DONE_DIR"), help="where runs record that they completed: a directory or s3:// prefix that this service and the jobs' drivers both reach, or off (default: beside the SQLite db)")
     s.add_argument("--log-level", default=env("LABTRAIN_QUEUE_LOG_LEVEL", "info"))
     return parser
 

@@ -15,6 +15,7 @@ import threading
 import time
 from typing import Any
 
+from labtrain import storage
 from labtrain.launch import gang_flags
 from labtrain.queue import store as st
 from labtrain.queue.metrics import QueueMetrics
@@ -95,7 +96,7 @@ class RayJobs:
 
 
 def done_file(done_dir: str | None, job_id: str) -> str | None:
-    return os.path.join(done_dir, f"{job_id}.json") if done_dir else None
+    return storage.join(done_dir, f"{job_id}.json") if done_dir else None
 
 
 def entrypoint(row: dict[str, Any], job_cwd: str | None = None, done_dir: str | None = None) -> str:
@@ -121,7 +122,7 @@ class Dispatcher:
         self._reasons: dict[str, str] = {}  # waiting job -> the REASON last written
         self._wake = threading.Event()
         self.done_dir = settings.resolved_done_dir()
-        if self.done_dir:
+        if self.done_dir and "://" not in self.done_dir:
             os.makedirs(self.done_dir, exist_ok=True)
 
     def poke(self) -> None:
@@ -210,9 +211,15 @@ class Dispatcher:
             self._missing[sid] = self._missing.get(sid, 0) + 1
             if self._missing[sid] < 2:
                 return  # said twice in a row before the job is requeued
+            done, completed = done_file(self.done_dir, row["id"]), False
+            if state == st.RUNNING and done:
+                try:
+                    completed = storage.exists(done)
+                except Exception as error:  # the record cannot be read now: ask again next cycle, never guess
+                    log.warning("cannot read the completion record %s of job %s: %s", done, row["id"], error)
+                    return
             del self._missing[sid]
-            done = done_file(self.done_dir, row["id"])
-            if state == st.RUNNING and done and os.path.exists(done):  # it completed while the queue was away: never again
+            if completed:  # it completed while the queue was away: never again
                 self.store.end_holding(row["id"], [state], st.SUCCEEDED, message=f"completed (its record {done}; Ray no longer knows {sid})", **end)
                 return
             final = {st.RUNNING: st.WAITING, st.PREEMPTING: st.WAITING, st.CANCELLING: st.CANCELLED}[state]

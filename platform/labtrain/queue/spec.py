@@ -122,12 +122,14 @@ class Settings(Config):
     preemption: bool = Field(True, description="Let waiting higher-priority jobs stop lower-priority running ones.")
     done_dir: str | None = Field(
         None,
-        description="Directory where a job's run records that it completed (--done-file), seen by the service and the jobs' drivers; a job "
-        "that Ray no longer knows (a cluster restart) and that left its record is not run again. None: <directory of the SQLite db>/done, "
-        "or no record for PostgreSQL (LABTRAIN_QUEUE_DONE_DIR).",
+        description="Where a job's run records that it completed (--done-file): a directory or s3://bucket/prefix that both this service and "
+        "the jobs' drivers reach (s3 through the AWS environment). A job that Ray no longer knows (a cluster restart) and that left its record "
+        "is not run again. None: <directory of the SQLite db>/done, or no records for PostgreSQL; off: no records (LABTRAIN_QUEUE_DONE_DIR).",
     )
 
     def resolved_done_dir(self) -> str | None:
+        if self.done_dir == "off":
+            return None
         if self.done_dir:
-            return os.path.abspath(self.done_dir)
+            return self.done_dir.rstrip("/") if "://" in self.done_dir else os.path.abspath(self.done_dir)
         return None if "://" in self.db else os.path.join(os.path.dirname(os.path.abspath(self.db)), "done")
