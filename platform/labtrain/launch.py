@@ -124,13 +124,20 @@ def job_main(
         print(f"error: {error}", file=sys.stderr)
         return 2
 
+    from ray.train import TrainingFailedError
+
     from labtrain.train import run
+    from labtrain.train.runner import RunStartError
 
     if run_cfg.tensorboard:
         print(f"TensorBoard: tensorboard --logdir {storage.join(storage.run_dir(run_cfg), 'tensorboard')} (or the storage root for every run)", flush=True)
-    result = run(train_fn, cfg, run_cfg, kind=kind)
-    if result.error is not None:
-        print(f"error: the run failed: {_last_line(result.error)} (the workers' tracebacks are above)", file=sys.stderr)
+    try:
+        result = run(train_fn, cfg, run_cfg, kind=kind)
+        error = result.error
+    except (TrainingFailedError, RunStartError) as raised:  # Ray Train raises a worker's failure from fit()
+        error = raised
+    if error is not None:
+        print(f"error: the run failed: {_last_line(error)} (the workers' tracebacks are above)", file=sys.stderr)
         return 1
     if report is not None:
         report(cfg, result)

@@ -149,12 +149,12 @@ def test_past_the_limit_the_job_fails_with_the_shard_names(uneven_shards):
     assert sum(url in str(info.value) for url in broken) >= 2
 
 
-def test_undecodable_samples_are_skipped_and_counted(even_shards):
+def test_undecodable_samples_are_skipped_and_counted(even_shards, caplog):
     pattern, _ = even_shards
 
     def flaky(sample):
         if sample["__key__"].endswith("7"):
-            raise ValueError("cannot decode")
+            raise KeyError("jpg") if sample["__key__"].endswith("77") else ValueError()  # a message-less error too
         return {"__key__": sample["__key__"]}
 
     stream = DataStream(DataConfig(urls=pattern, batch_size=8), rank=0, world_size=1, decoder=flaky)
@@ -163,6 +163,9 @@ def test_undecodable_samples_are_skipped_and_counted(even_shards):
     assert stream.skipped_samples == 25  # k000007, k000017, ..., k000247
     assert not any(k.endswith("7") for k in keys)  # each was replaced by a copy of a good sample
     assert len(set(keys)) == 256 - 25
+    # every skip says which sample and why, even for an exception without a message
+    assert "skipping sample k000007 of " in caplog.text and ": ValueError: " in caplog.text
+    assert "skipping sample k000077 of " in caplog.text and "KeyError: 'jpg'" in caplog.text
 
 
 def test_a_shard_cut_between_two_files_of_one_sample_is_bad_not_a_partial_sample(even_shards):

@@ -26,6 +26,7 @@ class ProbeConfig(Config):
     kill_rank_at_step: int | None = None
     kill_marker: str | None = None
     step_sleep_s: float = 0.0
+    fail_at_step: int | None = None
 
 
 def _model() -> torch.nn.Module:
@@ -93,6 +94,8 @@ def probe_train(session: Session, cfg: ProbeConfig) -> None:
                 time.sleep(cfg.step_sleep_s)
             if step % cfg.checkpoint_every == 0:
                 session.checkpoint(step, data, extra=extra())
+            if cfg.fail_at_step == step:
+                raise RuntimeError(f"the probe's loss became NaN at step {step}")  # a job's own failure, every rank
             if cfg.kill_rank_at_step == step and session.rank == 1 and not os.path.exists(cfg.kill_marker):
                 open(cfg.kill_marker, "w").close()
                 os.kill(os.getpid(), signal.SIGKILL)  # a worker process dies mid-run

@@ -128,3 +128,19 @@ def test_a_controller_that_never_starts_its_workers_is_restarted(ray_cluster, sh
     text = caplog.text
     assert "has not started workers in 30 s; its stack" in text and "after_controller_start" in text  # py-spy's dump
     assert "attempt 1 of 2" in text
+
+
+def test_a_failed_run_ends_with_one_error_line_naming_the_cause(ray_cluster, shards, tmp_path, capsys):
+    """The last thing a failed job prints is one `error:` line with the job's own exception, not Ray
+    Train's multi-line TrainingFailedError (the queue shows that line as the job's REASON)."""
+    import yaml
+
+    from labtrain.launch import job_main
+
+    config = tmp_path / "probe.yaml"
+    config.write_text(yaml.safe_dump({"data": {"urls": shards, "batch_size": 8}, "fail_at_step": 2}))
+    status = job_main(ProbeConfig, probe_train, kind="probe", argv=["--config", str(config), "--workers", "2", "--name", f"fail-{uuid.uuid4().hex[:6]}",
+                                                                   f"run.storage_path={tmp_path / 'ckpt'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 1
+    assert err[-1].startswith("error: the run failed: RuntimeError: the probe's loss became NaN at step 2"), err[-5:]
