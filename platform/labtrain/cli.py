@@ -246,15 +246,76 @@ def cmd_queue(args) -> int:
     for j in sorted(jobs, key=lambda j: (j["state"] == "WAITING", j["submitted_at"])):
         since = j["started_at"] if j["started_at"] else j["queued_at"]
         table.add_row(j["id"], j["user"], j["job"], j["priority"], j["state"], str(j["workers"]), f"{j['cpus']:g}", f"{j['gpus']:g}",
-                      _age((j["ended_at"] or now) - since), _age(j["time_limit_s"]), j["message"][:80])
+                      _age((j["ended_at"] or now) - since), _age(j["time_limit_s"]), escape(j["message"][:80]))
     _table_console().print(table)
     return 0
+
+
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def _since(text: str) -> float:
+    """``2d``, ``12h``, ``90m`` (that long ago) or a date ``2026-11-30`` / ``2026-11-30T08:00`` -> Unix time."""
+    import datetime
+
+    from labtrain.queue.client import QueueError
+
+    try:
+        return datetime.datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        pass
+    try:
+        return time.time() - _seconds(text)
+    except QueueError:
+        raise QueueError(f"--since {text!r}: use a duration ago (2d, 12h, 90m) or a date (2026-11-30, 2026-11-30T08:00)") from None
 
 
 def cmd_show(args) -> int:
     import json
 
-    print(json.dumps(_queue_client(args).job(args.id), indent=1))
+    from rich.table import Table
+
+    job = _queue_client(args).job(args.id)
+    if args.json:
+        print(json.dumps(job, indent=1))
+        return 0
+    gang = f"{job['workers']} x ({job['cpus_per_worker']:g} CPU, {job['gpus_per_worker']:g} GPU" + (
+        f", {job['memory_gb_per_worker']:g} GB)" if job.get("memory_gb_per_worker") else ")")
+    lines = [
+        ("job", f"{job['id']}  {job['job']}  of {job['user']}"), ("state", job["state"] + (f": {job['message']}" if job["message"] else "")),
+        ("config", " ".join([job["config"], *job["overrides"]])), ("gang", f"{gang}, priority {job['priority']}, limit {_age(job['time_limit_s'])}"),
+        ("attempts", f"{job['attempt']} ({job['num_preemptions']} preemptions)"),
+        ("submitted", _when(job["submitted_at"])), ("started", _when(job["started_at"])), ("ended", _when(job["ended_at"])),
+    ]
+    out = _table_console()
+    for key, value in lines:
+        out.print(f"{key:<10} {value}", markup=False, highlight=False)
+    table = Table(box=None, header_style="bold", title="history", title_justify="left")
+    for col in ("TIME", "STATE", "ATTEMPT", "WHY"):
+        table.add_column(col)
+    for e in job.get("events", []):
+        table.add_row(_when(e["at"]), e["state"], str(e["attempt"]), escape(e["message"]))
+    out.print(table)
+    return 0
+
+
+def cmd_history(args) -> int:
+    """Finished jobs, like sacct."""
+    from rich.table import Table
+
+    jobs = _queue_client(args).history(user=args.user, state=args.state, since=_since(args.since) if args.since else None, limit=args.limit)
+    table = Table(box=None, header_style="bold")
+    for col in ("JOBID", "USER", "JOB", "STATE", "SUBMITTED", "ENDED", "WAITED", "RAN", "ATTEMPTS", "REASON"):
+        table.add_column(col)
+    for j in jobs:
+        ran = _age(j["ended_at"] - j["started_at"]) if j["started_at"] else "-"
+        waited = _age((j["started_at"] or j["ended_at"]) - j["queued_at"])
+        attempts = f"{j['attempt']}" + (f" ({j['num_preemptions']} preempted)" if j["num_preemptions"] else "")
+        table.add_row(j["id"], j["user"], j["job"], j["state"], _when(j["submitted_at"]), _when(j["ended_at"]), waited, ran, attempts, escape(j["message"][:80]))
+    _table_console().print(table)
+    if len(jobs) == args.limit:
+        console.print(f"the {args.limit} latest shown; --limit for more", style="dim")
     return 0
 
 
@@ -316,7 +377,7 @@ def cmd_users_set_quota(args) -> int:
 
 
 def add_queue_parsers(sub) -> None:
-    """``labtrain submit | queue | show | logs | cancel | users``: the lab queue's commands."""
+    """``labtrain submit | queue | history | show | logs | cancel | users``: the lab queue's commands."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", default=None, help="queue service, e.g. http://queue:8000 (else LABTRAIN_QUEUE_URL, ~/.config/labtrain/queue.yaml)")
     common.add_argument("--token", default=None, help="your token (else LABTRAIN_TOKEN, ~/.config/labtrain/queue.yaml)")
@@ -339,11 +400,19 @@ def add_queue_parsers(sub) -> None:
     q.add_argument("--all", action="store_true", help="every user's jobs (admins)")
     q.add_argument("--all-states", action="store_true", help="finished jobs too")
     q.set_defaults(fn=_queue_cmd(cmd_queue))
-    for name, fn, help_text in (("show", cmd_show, "one job as JSON"), ("cancel", cmd_cancel, "cancel a job (stops it on Ray)"), ("logs", cmd_logs, "a job's Ray logs")):
+    h = sub.add_parser("history", parents=[common], help="finished jobs, like sacct")
+    h.add_argument("--user", default=None, help="this user's jobs (admins: anyone's; default: yours, or everyone's for an admin)")
+    h.add_argument("--state", default=None, help="comma-separated: SUCCEEDED, FAILED, CANCELLED, TIMEOUT, PREEMPTED (finished after a preemption)")
+    h.add_argument("--since", default=None, help="ended since: 2d, 12h, 90m ago, or a date 2026-11-30[T08:00]")
+    h.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    h.set_defaults(fn=_queue_cmd(cmd_history))
+    for name, fn, help_text in (("show", cmd_show, "one job and its state history"), ("cancel", cmd_cancel, "cancel a job (stops it on Ray)"), ("logs", cmd_logs, "a job's Ray logs")):
         c = sub.add_parser(name, parents=[common], help=help_text)
         c.add_argument("id")
         if name == "logs":
             c.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends; exit 0 only if it succeeded")
+        if name == "show":
+            c.add_argument("--json", action="store_true", help="the job and its history as JSON")
         c.set_defaults(fn=_queue_cmd(fn))
 
     users = sub.add_parser("users", help="users and quotas (admins)").add_subparsers(dest="action", required=True)

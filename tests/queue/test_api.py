@@ -135,7 +135,7 @@ def test_cli_submit_queue_show_cancel_and_clear_errors(server, tmp_path):
     sub = run("submit", SLEEP_CONFIG, "--job", "tests.queue.sleepjob", "--workers", "2", "--priority", "high", "--time-limit", "10m", "marker_dir=/tmp", "steps=1")
     assert sub.returncode == 0, sub.stderr
     jid = sub.stdout.strip()
-    shown = run("show", jid)
+    shown = run("show", jid, "--json")
     assert f'"id": "{jid}"' in shown.stdout and '"time_limit_s": 600.0' in shown.stdout and '"workers": 2' in shown.stdout
     table = run("queue")
     assert jid in table.stdout and "WAITING" in table.stdout and "high" in table.stdout
@@ -169,3 +169,49 @@ def test_cli_submit_queue_show_cancel_and_clear_errors(server, tmp_path):
     assert later.returncode == 0 and "'jobs': 1" in later.stderr and "'gpus': 100" in later.stderr, later.stderr
     cleared = run("users", "set-quota", "frank", "--jobs", "none", LABTRAIN_TOKEN=ADMIN_TOKEN)
     assert "'jobs': None" in cleared.stderr and "'cpus': 1" in cleared.stderr, cleared.stderr
+
+
+def test_history_and_show_say_what_happened_to_each_job(server, tmp_path):
+    """`labtrain history` (like sacct) lists finished jobs with filters and paging; `labtrain show` gives a
+    job's state history; the history API keeps users to their own jobs unless they are admins."""
+    import json
+    import os
+
+    alice, bob, admin = server.client("alice"), server.client("bob"), server.client("admin")
+    ids = [alice.post("/api/v1/jobs", json=server.sleep_spec(f"h{i}")).json()["id"] for i in range(5)]
+    theirs = bob.post("/api/v1/jobs", json=server.sleep_spec("hb")).json()["id"]
+    running = alice.post("/api/v1/jobs", json=server.sleep_spec("h-open")).json()["id"]
+    for jid in [*ids, theirs]:
+        assert alice.post(f"/api/v1/jobs/{jid}/cancel").status_code == (200 if jid != theirs else 404)
+    assert bob.post(f"/api/v1/jobs/{theirs}/cancel").status_code == 200
+
+    first = alice.get("/api/v1/history", params={"limit": 2}).json()
+    assert [j["id"] for j in first["jobs"]] == ids[::-1][:2] and first["next"]
+    rest = alice.get("/api/v1/history", params={"limit": 10, "before": first["next"]}).json()
+    assert [j["id"] for j in rest["jobs"]] == ids[::-1][2:] and rest["next"] is None  # alice's own, none twice, not the waiting one
+    assert {j["id"] for j in admin.get("/api/v1/history").json()["jobs"]} == {*ids, theirs}
+    assert [j["id"] for j in admin.get("/api/v1/history", params={"user": "bob"}).json()["jobs"]] == [theirs]
+    assert alice.get("/api/v1/history", params={"user": "bob"}).status_code == 403
+    assert alice.get("/api/v1/history", params={"state": "SUCCEEDED"}).json()["jobs"] == []
+    bad = alice.get("/api/v1/history", params={"state": "RUNNING"})
+    assert bad.status_code == 422 and "RUNNING" in bad.text
+    assert alice.get("/api/v1/history", params={"before": "yesterday"}).status_code == 422
+    assert alice.get("/api/v1/history", params={"since": 0, "until": 1}).json()["jobs"] == []
+
+    shown = alice.get(f"/api/v1/jobs/{ids[0]}").json()
+    assert [(e["state"], e["message"]) for e in shown["events"]] == [("WAITING", "submitted"), ("CANCELLED", "cancelled while waiting")]
+
+    env = {**os.environ, "LABTRAIN_QUEUE_URL": server.url, "LABTRAIN_TOKEN": TOKENS["alice"], "LABTRAIN_QUEUE_CONFIG": str(tmp_path / "none.yaml")}
+    run = lambda *a: subprocess.run([*LABTRAIN, *a], capture_output=True, text=True, env=env, timeout=60)
+    table = run("history", "--since", "1h", "--state", "CANCELLED")
+    assert table.returncode == 0, table.stderr
+    assert all(j in table.stdout for j in ids) and theirs not in table.stdout and running not in table.stdout
+    assert table.stdout.splitlines()[0].split()[:4] == ["JOBID", "USER", "JOB", "STATE"]
+    limited = run("history", "--limit", "2")
+    assert len([line for line in limited.stdout.splitlines() if line.strip().startswith("lt-")]) == 2 and "--limit for more" in limited.stderr + limited.stdout
+    assert run("history", "--since", "2099-01-01").stdout.count("lt-") == 0
+    refused = run("history", "--since", "last week")
+    assert refused.returncode == 2 and "--since 'last week'" in refused.stderr
+    shown_cli = run("show", ids[0])
+    assert shown_cli.returncode == 0 and "history" in shown_cli.stdout and "cancelled while waiting" in shown_cli.stdout
+    assert json.loads(run("show", ids[0], "--json").stdout)["events"][0]["state"] == "WAITING"

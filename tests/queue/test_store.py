@@ -56,6 +56,50 @@ def test_job_lifecycle_with_requeue_and_submission_ids(store):
     assert users["alice"].usage == pytest.approx(20.0 * 1)  # 1 worker x 1 CPU x 20 s
     [d] = store.start_dispatch([jid], now=140.0)
     assert d["submission_id"] == f"{jid}-r2" and d["attempt"] == 2
+    assert store.transition(jid, [st.DISPATCHING], st.RUNNING)
+    assert store.end_holding(jid, [st.RUNNING], st.SUCCEEDED, 150.0, half_life_s=1e9, gpu_weight=8.0)
+    # the state history: every state entered, in its transaction, with the attempt and why
+    events = store.events(jid)
+    assert [(e["state"], e["attempt"]) for e in events] == [
+        (st.WAITING, 0), (st.DISPATCHING, 1), (st.RUNNING, 1), (st.PREEMPTING, 1), (st.WAITING, 1), (st.DISPATCHING, 2), (st.RUNNING, 2), (st.SUCCEEDED, 2)]
+    assert [e["at"] for e in events][:2] == [100.0, 110.0] and events[-1]["at"] == 150.0
+    assert events[0]["message"] == "submitted" and "preempted" in events[4]["message"] and f"{jid}-r2" in events[5]["message"]
+
+
+def test_history_filters_and_pages_finished_jobs(store):
+    for name in ("alice", "bob"):
+        store.upsert_user(UserEntry(name=name))
+    ended = {}
+    for i in range(7):  # ends at 200, 200, 210, 210, 220, 220, 230 (ties: the cursor must page through them)
+        user = "alice" if i % 2 == 0 else "bob"
+        jid = store.submit(user, spec(), time_limit_s=60, now=100.0 + i)[0]["id"]
+        store.start_dispatch([jid], now=150.0)
+        assert store.transition(jid, [st.DISPATCHING], st.RUNNING)
+        if i == 3:  # preempted once, then finished
+            assert store.transition(jid, [st.RUNNING], st.PREEMPTING)
+            store.end_holding(jid, [st.PREEMPTING], st.WAITING, 160.0, half_life_s=1e9, gpu_weight=8.0, num_preemptions=1)
+            store.start_dispatch([jid], now=170.0)
+            assert store.transition(jid, [st.DISPATCHING], st.RUNNING)
+        final = [st.SUCCEEDED, st.FAILED, st.CANCELLED, st.TIMEOUT][i % 4]
+        store.end_holding(jid, [st.RUNNING], final, 200.0 + 10 * (i // 2), half_life_s=1e9, gpu_weight=8.0)
+        ended[jid] = (200.0 + 10 * (i // 2), user, final)
+    store.submit("alice", spec(), time_limit_s=60)  # still waiting: not history
+
+    newest_first = sorted(ended, key=lambda j: (ended[j][0], j), reverse=True)
+    assert [r["id"] for r in store.history()] == newest_first
+    pages, cursor = [], None
+    while True:
+        page = store.history(limit=3, before=cursor)
+        pages.append([r["id"] for r in page])
+        if len(page) < 3:
+            break
+        cursor = (page[-1]["ended_at"], page[-1]["id"])
+    assert [j for p in pages for j in p] == newest_first and [len(p) for p in pages] == [3, 3, 1]
+    assert {r["id"] for r in store.history(user="alice")} == {j for j, v in ended.items() if v[1] == "alice"}
+    assert {r["state"] for r in store.history(states=[st.FAILED, st.TIMEOUT])} == {st.FAILED, st.TIMEOUT}
+    [preempted] = store.history(states=["PREEMPTED"])
+    assert preempted["num_preemptions"] == 1 and preempted["attempt"] == 2
+    assert {r["ended_at"] for r in store.history(since=210.0, until=230.0)} == {210.0, 220.0}
 
 
 def test_cancel_wins_the_race_with_the_dispatcher(store):

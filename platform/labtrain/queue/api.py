@@ -52,6 +52,10 @@ def _public(row: dict) -> dict[str, Any]:
     return out
 
 
+def _refuse_query(field: str, message: str, value: Any = None) -> HTTPException:
+    return HTTPException(422, detail=[{"loc": ["query", field], "msg": message, "type": "value_error", "input": value}])
+
+
 def _refuse(field: str, message: str, value: Any = None) -> HTTPException:
     """A 422 shaped like FastAPI's own validation errors, naming the field."""
     return HTTPException(422, detail=[{"loc": ["body", *field.split(".")], "msg": message, "type": "value_error", "input": value}])
@@ -156,7 +160,37 @@ def create_app(settings: Settings, *, run_dispatcher: bool = True) -> FastAPI:
 
     @app.get("/api/v1/jobs/{job_id}")
     def show(job_id: str, me: dict = Depends(user)) -> dict:
-        return _public(own_job(job_id, me))
+        """The job and its state history (``events``: each state it entered, when, in which attempt, why)."""
+        return {**_public(own_job(job_id, me)), "events": service.store.events(job_id)}
+
+    @app.get("/api/v1/history")
+    async def history(
+        user_name: str | None = Query(None, alias="user", description="Only this user's jobs (others than yourself: admins only)."),
+        state: str | None = Query(None, description="Comma-separated among SUCCEEDED, FAILED, CANCELLED, TIMEOUT and PREEMPTED (finished after a preemption)."),
+        since: float | None = Query(None, description="Ended at or after this Unix time."),
+        until: float | None = Query(None, description="Ended before this Unix time."),
+        before: str | None = Query(None, description="The `next` cursor of the previous page."),
+        limit: int = Query(50, ge=1, le=1000),
+        me: dict = Depends(user),
+    ) -> Response:
+        """Finished jobs, the latest to end first, a page at a time: ``{"jobs": [...], "next": cursor or null}``."""
+        if user_name is not None and user_name != me["name"] and not me["admin"]:
+            raise HTTPException(403, f"only admins see other users' history (you are {me['name']})")
+        owner = user_name if user_name is not None else (None if me["admin"] else me["name"])
+        states = [s for s in state.upper().split(",") if s] if state else None
+        unknown = sorted(set(states or ()) - {*st.FINISHED, "PREEMPTED"})
+        if unknown:
+            raise _refuse_query("state", f"unknown state {', '.join(unknown)}: history has {', '.join(st.FINISHED)} and PREEMPTED", state)
+        cursor = None
+        if before:
+            at, _, job_id = before.partition(":")
+            try:
+                cursor = (float(at), job_id)
+            except ValueError:
+                raise _refuse_query("before", "not a cursor this API gave (pass the `next` of the previous page)", before) from None
+        rows = service.store.history(user=owner, states=states, since=since, until=until, before=cursor, limit=limit)
+        following = f"{rows[-1]['ended_at']!r}:{rows[-1]['id']}" if len(rows) == limit else None
+        return Response(orjson.dumps({"jobs": [_public(r) for r in rows], "next": following}), media_type="application/json")
 
     @app.post("/api/v1/jobs/{job_id}/cancel")
     def cancel(job_id: str, me: dict = Depends(user)) -> dict:

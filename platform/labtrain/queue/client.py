@@ -89,6 +89,20 @@ class QueueClient:
         params = {"all": all} | ({"state": state} if state else {})
         return self.request("GET", "/api/v1/jobs", params=params)
 
+    def history(self, *, user: str | None = None, state: str | None = None, since: float | None = None, until: float | None = None,
+                limit: int = 50) -> list[dict]:
+        """Finished jobs, the latest to end first, up to ``limit`` (fetched a page at a time)."""
+        params = {k: v for k, v in {"user": user, "state": state, "since": since, "until": until}.items() if v is not None}
+        out: list[dict] = []
+        cursor = None
+        while len(out) < limit:
+            page = self.request("GET", "/api/v1/history", params={**params, "limit": min(limit - len(out), 500), **({"before": cursor} if cursor else {})})
+            out += page["jobs"]
+            cursor = page["next"]
+            if cursor is None:
+                break
+        return out
+
     def job(self, job_id: str) -> dict:
         return self.request("GET", f"/api/v1/jobs/{job_id}")
 

@@ -1,4 +1,5 @@
-"""The queue's state: users, groups, tokens (hashed), quotas, usage and jobs, in SQLite or PostgreSQL.
+"""The queue's state: users, groups, tokens (hashed), quotas, usage, jobs and each job's state history
+(``events``), in SQLite or PostgreSQL.
 
 SQLAlchemy Core, one code path for both. Every change is one transaction and every state transition is
 a conditional UPDATE (``WHERE state = <expected>``), so a crash at any point leaves either the old or the
@@ -76,7 +77,19 @@ jobs_t = sa.Table(
     sa.Column("num_preemptions", sa.Integer, nullable=False, default=0),
     sa.Column("message", sa.Text, nullable=False, default=""),
     sa.UniqueConstraint("user", "request_id", name="uq_jobs_user_request"),
+    sa.Index("ix_jobs_ended", "ended_at", "id"),  # history, newest first (paged by (ended_at, id))
+    sa.Index("ix_jobs_user_ended", "user", "ended_at", "id"),
 )
+events_t = sa.Table(  # every state a job entered, when, in which attempt, and why: `labtrain show`, the page
+    "events", meta,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("job_id", sa.String(32), nullable=False, index=True),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("message", sa.Text, nullable=False, default=""),
+)
+FINISHED = (SUCCEEDED, FAILED, CANCELLED, TIMEOUT)
 
 
 def hash_token(token: str) -> str:
@@ -110,6 +123,13 @@ def engine_for(db: str) -> sa.Engine:
     return sa.create_engine(db, pool_pre_ping=True)
 
 
+def _event(conn, job_id: str, state: str, at: float, attempt: int | None, message: str) -> None:
+    """Record that ``job_id`` entered ``state`` (in the transaction that moved it); attempt None: the job's current one."""
+    if attempt is None:
+        attempt = conn.execute(sa.select(jobs_t.c.attempt).where(jobs_t.c.id == job_id)).scalar_one()
+    conn.execute(events_t.insert().values(job_id=job_id, at=at, state=state, attempt=attempt, message=message or ""))
+
+
 def _row(r) -> dict[str, Any]:
     return dict(r._mapping)
 
@@ -126,6 +146,8 @@ class Store:
     def __init__(self, db: str):
         self.engine = engine_for(db)
         meta.create_all(self.engine)
+        for index in jobs_t.indexes:  # create_all adds new tables, not new indexes of a database made before them
+            index.create(self.engine, checkfirst=True)
         self._write = threading.RLock()
 
     def tx(self):
@@ -200,6 +222,7 @@ class Store:
                 "state": WAITING, "submitted_at": now, "queued_at": now, "attempt": 0, "num_preemptions": 0, "message": "",
             }
             conn.execute(jobs_t.insert().values(**row))
+            _event(conn, row["id"], WAITING, now, 0, "submitted")
         return self.job(row["id"]), True
 
     def job(self, job_id: str) -> dict | None:
@@ -217,12 +240,42 @@ class Store:
         with self.engine.connect() as conn:
             return _rows(conn.execute(q))
 
+    def history(self, *, user: str | None = None, states: Iterable[str] | None = None, since: float | None = None, until: float | None = None,
+                before: tuple[float, str] | None = None, limit: int = 50) -> list[dict]:
+        """Finished jobs, the latest to end first; ``states`` among FINISHED and PREEMPTED (finished after at
+        least one preemption); ``before``: the (ended_at, id) of the last row of the previous page."""
+        c = jobs_t.c
+        states = list(states) if states else list(FINISHED)
+        wanted = [st for st in states if st in FINISHED] or list(FINISHED)
+        q = sa.select(jobs_t).where(c.state.in_(wanted), c.ended_at.is_not(None))
+        if "PREEMPTED" in states:
+            q = q.where(c.num_preemptions > 0)
+        if user is not None:
+            q = q.where(c.user == user)
+        if since is not None:
+            q = q.where(c.ended_at >= since)
+        if until is not None:
+            q = q.where(c.ended_at < until)
+        if before is not None:
+            q = q.where(sa.or_(c.ended_at < before[0], sa.and_(c.ended_at == before[0], c.id < before[1])))
+        q = q.order_by(c.ended_at.desc(), c.id.desc()).limit(limit)
+        with self.engine.connect() as conn:
+            return _rows(conn.execute(q))
+
+    def events(self, job_id: str) -> list[dict]:
+        """The job's states in order: when it entered each, in which attempt, and why."""
+        q = sa.select(events_t.c.at, events_t.c.state, events_t.c.attempt, events_t.c.message).where(events_t.c.job_id == job_id).order_by(events_t.c.seq)
+        with self.engine.connect() as conn:
+            return _rows(conn.execute(q))
+
     def request_cancel(self, job_id: str, now: float | None = None) -> dict | None:
         """WAITING -> CANCELLED; holding states -> CANCELLING (the dispatcher stops the Ray job)."""
         now = time.time() if now is None else now
         with self.tx() as conn:
-            conn.execute(jobs_t.update().where(jobs_t.c.id == job_id, jobs_t.c.state == WAITING).values(state=CANCELLED, ended_at=now, message="cancelled while waiting"))
-            conn.execute(jobs_t.update().where(jobs_t.c.id == job_id, jobs_t.c.state.in_([DISPATCHING, RUNNING, PREEMPTING])).values(state=CANCELLING, message="cancel requested"))
+            for frm, to, extra in (([WAITING], CANCELLED, {"ended_at": now, "message": "cancelled while waiting"}),
+                                   ([DISPATCHING, RUNNING, PREEMPTING], CANCELLING, {"message": "cancel requested"})):
+                if conn.execute(jobs_t.update().where(jobs_t.c.id == job_id, jobs_t.c.state.in_(frm)).values(state=to, **extra)).rowcount:
+                    _event(conn, job_id, to, now, None, extra["message"])
         return self.job(job_id)
 
     def set_waiting_messages(self, messages: dict[str, str]) -> None:
@@ -235,6 +288,8 @@ class Store:
         """Move a job from one of ``frm`` to ``to``; False if it was no longer in ``frm`` (a cancel won the race)."""
         with self.tx() as conn:
             res = conn.execute(jobs_t.update().where(jobs_t.c.id == job_id, jobs_t.c.state.in_(list(frm))).values(state=to, **values))
+            if res.rowcount == 1:
+                _event(conn, job_id, to, time.time(), None, values.get("message") or ("running on Ray" if to == RUNNING else ""))
             return res.rowcount == 1
 
     def start_dispatch(self, job_ids: list[str], now: float) -> list[dict]:
@@ -248,6 +303,7 @@ class Store:
                 attempt = r.attempt + 1
                 conn.execute(jobs_t.update().where(jobs_t.c.id == job_id).values(
                     state=DISPATCHING, attempt=attempt, submission_id=submission_id(job_id, attempt), started_at=now, charged_at=now, message=""))
+                _event(conn, job_id, DISPATCHING, now, attempt, f"admitted: attempt {attempt} as Ray job {submission_id(job_id, attempt)}")
                 out.append(job_id)
         return [self.job(j) for j in out]
 
@@ -260,6 +316,8 @@ class Store:
             self._charge(conn, [_row(r)], now, half_life_s, gpu_weight)
             extra = {"queued_at": now, "started_at": None, "charged_at": None} if to == WAITING else {"ended_at": now}
             conn.execute(jobs_t.update().where(jobs_t.c.id == job_id).values(state=to, **{**extra, **values}))
+            message = values.get("message") or ("preempted: back in the queue, to resume from its checkpoint" if r.state == PREEMPTING and to == WAITING else "")
+            _event(conn, job_id, to, now, r.attempt, message)
             return True
 
     # -- usage -------------------------------------------------------------------------------------------
