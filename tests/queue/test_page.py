@@ -22,8 +22,20 @@ def render(url: str, tmp_path) -> str:
 
 
 def cells(dom: str, table: str) -> list[list[str]]:
+    """A table's body as text (a job id's link shows as its text)."""
     body = re.search(rf'<table id="{table}">.*?<tbody>(.*?)</tbody>', dom, re.S).group(1)
-    return [[unescape(c) for c in re.findall(r"<td>(.*?)</td>", row)] for row in re.findall(r"<tr>(.*?)</tr>", body, re.S)]
+    return [[unescape(re.sub(r"<[^>]+>", "", c)) for c in re.findall(r"<td>(.*?)</td>", row, re.S)] for row in re.findall(r"<tr>(.*?)</tr>", body, re.S)]
+
+
+def headers_and_labels(dom: str) -> None:
+    """Accessibility basics: every table has column headers, every form control a label."""
+    for table in re.findall(r'<table id="([\w-]+)">', dom):
+        head = re.search(rf'<table id="{table}">.*?<thead>(.*?)</thead>', dom, re.S)
+        assert head and '<th scope="col">' in head.group(1), f"table {table} has no column headers"
+    for control in re.findall(r"<(?:input|select)[^>]*>", dom):
+        assert re.search(r'id="([\w-]+)"', control), control
+        name = re.search(r'id="([\w-]+)"', control).group(1)
+        assert re.search(rf'<label>[^<]*<(?:input|select)[^>]*id="{name}"', dom), f"control {name} has no label"
 
 
 def test_page_shows_your_queue_and_everyones_share(make_server, tmp_path):
@@ -68,3 +80,32 @@ def test_page_shows_a_running_job_on_a_live_cluster(make_server, ray_cluster, tm
     finally:
         alice.post(f"/api/v1/jobs/{jid}/cancel")
         wait_states(alice, [jid], states=("CANCELLED",), timeout_s=60)  # leave no Ray job behind
+
+
+def test_page_job_view_history_and_controls(make_server, tmp_path):
+    """#job=<id> opens a job: its spec, its state history, and a cancel control for its owner and admins only;
+    the history table lists finished jobs with their reason."""
+    from tests.queue.conftest import ADMIN_TOKEN
+
+    server = make_server(None)
+    alice = server.client("alice")
+    active = alice.post("/api/v1/jobs", json=server.sleep_spec("view", workers=2)).json()["id"]
+    gone = alice.post("/api/v1/jobs", json=server.sleep_spec("gone")).json()["id"]
+    alice.post(f"/api/v1/jobs/{gone}/cancel")
+
+    dom = render(f"{server.url}/#token={TOKENS['alice']}&job={active}", tmp_path)
+    assert f"Job {active}: WAITING" in dom and "tests.queue.sleepjob" in dom
+    assert [row[1:] for row in cells(dom, "job-events")] == [["WAITING", "0", "submitted"]]
+    assert re.search(r'<button id="job-cancel" type="button">', dom), "the owner sees the cancel control"
+    assert "(no log yet: the job has not started)" in dom
+    history = cells(dom, "history")
+    assert [(row[0], row[3], row[7]) for row in history] == [(gone, "CANCELLED", "cancelled while waiting")]
+    assert [row[0] for row in cells(dom, "waiting")] == [active]
+    headers_and_labels(dom)
+
+    dom = render(f"{server.url}/#token={TOKENS['alice']}&job={gone}", tmp_path / "finished")
+    assert f"Job {gone}: CANCELLED" in dom and re.search(r'<button id="job-cancel" type="button" hidden', dom), "nothing to cancel"
+    dom = render(f"{server.url}/#token={TOKENS['bob']}&job={active}", tmp_path / "bob")
+    assert f"no job {active} of yours" in dom and active not in "".join(sum(cells(dom, "waiting"), []))  # bob neither sees it nor cancels it
+    dom = render(f"{server.url}/#token={ADMIN_TOKEN}&job={active}", tmp_path / "admin")
+    assert f"Job {active}: WAITING" in dom and re.search(r'<button id="job-cancel" type="button">', dom), "an admin may cancel anyone's job"

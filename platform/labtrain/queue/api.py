@@ -270,7 +270,7 @@ def create_app(settings: Settings, *, run_dispatcher: bool = True) -> FastAPI:
         shares, _, _, _ = service.store.snapshot(now, settings.half_life_s)
         factors = fair_share_factors(shares)
         return {
-            "me": me["name"], "now": now,
+            "me": me["name"], "admin": bool(me["admin"]), "now": now,
             "waiting": [_public(r) for r in rows if r["state"] == st.WAITING],
             "running": [_public(r) for r in rows if r["state"] != st.WAITING],
             "users": [{"name": u.name, "group": u.group, "share": u.share, "usage": u.usage, "fair_share": factors[u.name]} for u in shares.values()],
