@@ -54,6 +54,7 @@ def main() -> int:
         tmp.write_text(json.dumps({"step": step}))
         os.replace(tmp, ckpt)
         note(f"step {step}")
+        print(f"sleepjob {cfg.run.name} step {step}", flush=True)
     note("done")
     print(f"sleepjob {cfg.run.name} done", flush=True)
     if cfg.fail:
