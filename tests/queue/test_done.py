@@ -58,3 +58,10 @@ def test_a_completion_record_on_s3_keeps_a_finished_job_from_running_again(s3_bu
     assert job["state"] == st.SUCCEEDED and job["attempt"] == 1 and args.done_file in job["message"], job
     assert store.job(unfinished)["attempt"] == 2, "the job without a record runs again"
     assert finished not in ray.jobs and f"{finished}-r2" not in ray.jobs
+
+
+def test_queue_job_id_of_each_attempts_submission():
+    from labtrain.queue.dispatcher import queue_job_id
+
+    assert queue_job_id("lt-0a1b2c3d4e") == "lt-0a1b2c3d4e" and queue_job_id("lt-0a1b2c3d4e-r3") == "lt-0a1b2c3d4e"
+    assert queue_job_id("raysubmit_abc") is None and queue_job_id(None) is None

@@ -49,6 +49,7 @@ def test_page_shows_your_queue_and_everyones_share(make_server, tmp_path):
     assert theirs not in dom  # bob's job is not alice's to see
     users = {row[0]: row for row in cells(dom, "users")}
     assert {"alice", "bob", "carol", "dave"} <= set(users) and users["alice"][1] == "vision" and users["alice"][4] == "1.000"
+    assert dom.count('<svg width="84" height="24" role="img"><title>resource-seconds per day, oldest first: 0, 0,') >= 4  # 14 days each
 
 
 def test_page_without_a_token_asks_for_one(make_server, tmp_path):

@@ -136,6 +136,13 @@ def test_a_preempted_nas_search_continues_from_its_saved_state(make_server, ray_
         return sum(t["status"] != "pending" for t in trials)
 
     wait_for(lambda: finished() >= 4, 120, what="4 finished trials of the search")
+
+    def holders() -> dict[str, float]:  # the cluster view: which jobs hold CPUs on which node
+        nodes = alice.get("/api/v1/cluster").json()["nodes"]
+        assert len(nodes) == 2 and all(n["cpus"] == 2 and n["cpus_used"] + n["cpus_free"] == 2 for n in nodes), nodes
+        return {h["job"]: h["cpus"] for n in nodes for h in n["holders"] if h["job"]}
+
+    wait_for(lambda: holders().get(low, 0) >= 1, 30, what="the search's trials on the cluster view")
     high = submit(bob, {**server.sleep_spec("nas-high", workers=2), "priority": "high"})
     jobs = wait_states(admin, [low, high], timeout_s=240)
     assert jobs[low]["num_preemptions"] == 1 and jobs[low]["attempt"] == 2, jobs[low]

@@ -122,3 +122,10 @@ def test_usage_is_charged_while_running_and_decays(store):
     assert users["alice"].usage == pytest.approx(2 * (2 + 8 * 1) * 10)  # 200 resource-seconds
     users, _, _, _ = store.snapshot(1110.0, 100.0)
     assert users["alice"].usage == pytest.approx(100.0)  # one half-life later
+    # per day, undecayed, for the page's chart: 200 on day 0; 20 s more on day 2 (charged at its time)
+    store.charge_running(2 * 86400.0 + 1.0, half_life_s=100.0, gpu_weight=8.0)  # charged up to here: all of it lands on day 2
+    store.charge_running(2 * 86400.0 + 3.0, half_life_s=100.0, gpu_weight=8.0)
+    by_day = store.usage_by_day(2 * 86400.0 + 5.0, days=3)
+    assert by_day["alice"][0] == pytest.approx(200.0) and by_day["alice"][1] == 0.0
+    assert by_day["alice"][2] == pytest.approx(20 * (2 * 86400.0 + 3.0 - 1010.0))
+    assert store.usage_by_day(30 * 86400.0, days=14) == {}  # older than the window

@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from labtrain.queue import store as st
-from labtrain.queue.dispatcher import Dispatcher, RayJobs, crash_point
+from labtrain.queue.dispatcher import Dispatcher, RayJobs, crash_point, queue_job_id
 from labtrain.queue.metrics import QueueMetrics
 from labtrain.queue.scheduler import fair_share_factors
 from labtrain.queue.spec import JobSpec, Quota, Settings, UserEntry, load_users_file
@@ -263,19 +263,39 @@ def create_app(settings: Settings, *, run_dispatcher: bool = True) -> FastAPI:
 
     @app.get("/api/v1/summary")
     def summary(me: dict = Depends(user)) -> dict:
-        """What the web page shows: your (an admin: every) waiting and running job, every user's share and usage."""
+        """What the web page shows: your (an admin: every) waiting and running job, every user's share and usage
+        (decayed, and charged per UTC day over the last 14 days, today last)."""
         now = time.time()
         owner = None if me["admin"] else me["name"]
         rows = service.store.jobs(user=owner, states=[st.WAITING, *st.HOLDING], limit=2000)
         shares, _, _, _ = service.store.snapshot(now, settings.half_life_s)
         factors = fair_share_factors(shares)
+        by_day = service.store.usage_by_day(now, 14)
         return {
             "me": me["name"], "admin": bool(me["admin"]), "now": now,
             "waiting": [_public(r) for r in rows if r["state"] == st.WAITING],
             "running": [_public(r) for r in rows if r["state"] != st.WAITING],
-            "users": [{"name": u.name, "group": u.group, "share": u.share, "usage": u.usage, "fair_share": factors[u.name]} for u in shares.values()],
+            "users": [{"name": u.name, "group": u.group, "share": u.share, "usage": u.usage, "fair_share": factors[u.name],
+                       "usage_by_day": by_day.get(u.name, [0.0] * 14)} for u in shares.values()],
             "capacity": _capacity_view(service.dispatcher.capacity(now)),
         }
+
+    @app.get("/api/v1/cluster")
+    def cluster_view(me: dict = Depends(user)) -> dict:
+        """Each node's CPUs and GPUs, used and free, and which jobs hold them (the queue's, by id; others by
+        their Ray submission id); ``at``: when it was read (every 5 s by the dispatcher), null before the first."""
+        d = service.dispatcher
+        nodes = []
+        for n in d.nodes or []:
+            holders = []
+            for sid, held in sorted(n["holders"].items()):
+                job = queue_job_id(sid)
+                row = service.store.job(job) if job else None
+                mine = row is not None and (row["user"] == me["name"] or me["admin"])
+                holders.append({"job": job if row is not None else None, "submission_id": sid, "user": row["user"] if row else None, "yours": mine, **held})
+            nodes.append({**{k: v for k, v in n.items() if k != "holders"}, "cpus_free": max(n["cpus"] - n["cpus_used"], 0.0),
+                          "gpus_free": max(n["gpus"] - n["gpus_used"], 0.0), "holders": holders})
+        return {"at": d.nodes_at, "nodes": sorted(nodes, key=lambda n: (not n["head"], n["ip"], n["node_id"]))}
 
     return app
 

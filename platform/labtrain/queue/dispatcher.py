@@ -66,6 +66,41 @@ class RayJobs:
             raise
         return str(info.status.value if hasattr(info.status, "value") else info.status), info.message or ""
 
+    def nodes(self) -> list[dict[str, Any]]:
+        """Each alive node's CPUs and GPUs, what is held on it and by which Ray submission: placement groups'
+        bundles (Ray Train gangs), and running tasks and alive actors outside any group (NAS trials)."""
+        from ray.util.state import list_actors, list_nodes, list_placement_groups, list_tasks
+
+        kw = {"address": self.address, "detail": True, "raise_on_missing_output": False}
+        nodes = {}
+        for n in list_nodes(filters=[("state", "=", "ALIVE")], **kw):
+            total = n.resources_total or {}
+            nodes[n.node_id] = {"node_id": n.node_id, "ip": n.node_ip, "head": bool(n.is_head_node), "cpus": total.get("CPU", 0.0),
+                                "gpus": total.get("GPU", 0.0), "cpus_used": 0.0, "gpus_used": 0.0, "holders": {}}
+        submissions = {j.job_id: j.submission_id for j in self.client.list_jobs() if j.job_id}
+
+        def hold(node_id: str | None, ray_job: str | None, resources: dict | None) -> None:
+            node = nodes.get(node_id or "")
+            cpus, gpus = (resources or {}).get("CPU", 0.0), (resources or {}).get("GPU", 0.0)
+            if node is None or not (cpus or gpus):
+                return
+            node["cpus_used"] += cpus
+            node["gpus_used"] += gpus
+            holder = node["holders"].setdefault(submissions.get(ray_job) or ray_job or "?", {"cpus": 0.0, "gpus": 0.0})
+            holder["cpus"] += cpus
+            holder["gpus"] += gpus
+
+        for pg in list_placement_groups(filters=[("state", "=", "CREATED")], **kw):
+            for bundle in pg.bundles or []:
+                hold(bundle.get("node_id"), pg.creator_job_id, bundle.get("unit_resources"))
+        for task in list_tasks(filters=[("state", "=", "RUNNING")], **kw):
+            if not task.placement_group_id and task.type == "NORMAL_TASK":
+                hold(task.node_id, task.job_id, task.required_resources)
+        for actor in list_actors(filters=[("state", "=", "ALIVE")], **kw):
+            if not actor.placement_group_id:
+                hold(actor.node_id, actor.job_id, actor.required_resources)
+        return list(nodes.values())
+
     def submit(self, sid: str, entrypoint: str, metadata: dict[str, str]) -> None:
         try:
             self.client.submit_job(entrypoint=entrypoint, submission_id=sid, metadata=metadata)
@@ -95,6 +130,14 @@ class RayJobs:
         return cpus, gpus, memory
 
 
+def queue_job_id(submission_id: str | None) -> str | None:
+    """The queue's job id of one of its Ray submissions (``<id>`` or ``<id>-r<attempt>``); None for others."""
+    if not submission_id or not submission_id.startswith("lt-"):
+        return None
+    head, sep, tail = submission_id.rpartition("-r")
+    return head if sep and tail.isdigit() else submission_id
+
+
 def done_file(done_dir: str | None, job_id: str) -> str | None:
     return storage.join(done_dir, f"{job_id}.json") if done_dir else None
 
@@ -118,6 +161,9 @@ class Dispatcher:
         self._capacity: tuple[float, float, float] | None = tuple(
             settings.capacity.get(k, 0.0) for k in ("CPU", "GPU", "memory")) if settings.capacity else None
         self._capacity_at = -float("inf")
+        self.nodes: list[dict[str, Any]] | None = None  # the cluster's nodes as last read (RayJobs.nodes), for the page
+        self.nodes_at: float | None = None
+        self._nodes_tried = -float("inf")
         self._missing: dict[str, int] = {}  # submission id -> consecutive cycles Ray said it has no such job
         self._reasons: dict[str, str] = {}  # waiting job -> the REASON last written
         self._wake = threading.Event()
@@ -138,6 +184,13 @@ class Dispatcher:
                 self._capacity = self.ray.capacity()
             except Exception as error:  # keep the last known capacity
                 log.warning("cannot read the Ray cluster's resources: %s", error)
+
+        if refresh and self.ray is not None and now - self._nodes_tried > 5.0:
+            self._nodes_tried = now
+            try:
+                self.nodes, self.nodes_at = self.ray.nodes(), now
+            except Exception as error:  # the page shows how old its view is
+                log.warning("cannot read what the Ray cluster's nodes hold: %s", error)
         cap = self._capacity
         if cap is not None and not any(cap[2:]):  # no memory figure: do not let memory requests block
             cap = (cap[0], cap[1], float("inf"))

@@ -89,7 +89,14 @@ events_t = sa.Table(  # every state a job entered, when, in which attempt, and w
     sa.Column("attempt", sa.Integer, nullable=False),
     sa.Column("message", sa.Text, nullable=False, default=""),
 )
+usage_days_t = sa.Table(  # undecayed resource-seconds each user was charged per UTC day: the page's usage chart
+    "usage_days", meta,
+    sa.Column("user", sa.String(64), primary_key=True),
+    sa.Column("day", sa.Integer, primary_key=True),  # days since 1970-01-01 UTC
+    sa.Column("amount", sa.Float, nullable=False),
+)
 FINISHED = (SUCCEEDED, FAILED, CANCELLED, TIMEOUT)
+DAY_S = 86400
 
 
 def hash_token(token: str) -> str:
@@ -262,6 +269,15 @@ class Store:
         with self.engine.connect() as conn:
             return _rows(conn.execute(q))
 
+    def usage_by_day(self, now: float, days: int = 14) -> dict[str, list[float]]:
+        """Each user's charged resource-seconds on each of the last ``days`` UTC days, oldest first (today last)."""
+        today = int(now // DAY_S)
+        out: dict[str, list[float]] = {}
+        with self.engine.connect() as conn:
+            for r in conn.execute(sa.select(usage_days_t).where(usage_days_t.c.day > today - days)):
+                out.setdefault(r.user, [0.0] * days)[r.day - today + days - 1] = r.amount
+        return out
+
     def events(self, job_id: str) -> list[dict]:
         """The job's states in order: when it entered each, in which attempt, and why."""
         q = sa.select(events_t.c.at, events_t.c.state, events_t.c.attempt, events_t.c.message).where(events_t.c.job_id == job_id).order_by(events_t.c.seq)
@@ -333,6 +349,11 @@ class Store:
             u = conn.execute(sa.select(users_t.c.usage, users_t.c.usage_at).where(users_t.c.name == name)).first()
             if u is not None:
                 conn.execute(users_t.update().where(users_t.c.name == name).values(usage=decay(u.usage, now - u.usage_at, half_life_s) + amount, usage_at=now))
+            if amount > 0:  # charged every cycle, so the day of `now` is the day it was used
+                day = int(now // DAY_S)
+                key = (usage_days_t.c.user == name) & (usage_days_t.c.day == day)
+                if conn.execute(usage_days_t.update().where(key).values(amount=usage_days_t.c.amount + amount)).rowcount == 0:
+                    conn.execute(usage_days_t.insert().values(user=name, day=day, amount=amount))
 
     def charge_running(self, now: float, *, half_life_s: float, gpu_weight: float) -> None:
         """Charge every resource-holding job's usage up to ``now`` (one transaction)."""
