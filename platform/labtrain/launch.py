@@ -129,8 +129,17 @@ def job_main(
     from labtrain.train import run
     from labtrain.train.runner import RunStartError
 
+    tensorboard_dir = storage.join(storage.run_dir(run_cfg), "tensorboard")
     if run_cfg.tensorboard:
-        print(f"TensorBoard: tensorboard --logdir {storage.join(storage.run_dir(run_cfg), 'tensorboard')} (or the storage root for every run)", flush=True)
+        print(f"TensorBoard: tensorboard --logdir {tensorboard_dir} (or the storage root for every run)", flush=True)
+    if args.done_file:  # started by the queue: say where this run's curves are, for its page
+        from labtrain.queue.curves import run_record_file
+
+        try:
+            storage.write_json(run_record_file(args.done_file), {"name": args.name, "run_dir": storage.run_dir(run_cfg),
+                                                                  "tensorboard": tensorboard_dir if run_cfg.tensorboard else None})
+        except Exception as error:  # noqa: BLE001 - the page then has no curves; the run goes on
+            print(f"warning: cannot write the run record beside {args.done_file}: {error}", file=sys.stderr)
     try:
         result = run(train_fn, cfg, run_cfg, kind=kind)
         error = result.error

@@ -123,3 +123,19 @@ def exists(url: str, s3_cfg: S3Config | None = None) -> bool:
 
         return s3.with_retries(lambda: s3.filesystem(s3_cfg).exists(url), what=url, cfg=s3_cfg)
     return os.path.exists(url)
+
+
+def read_json(url: str, s3_cfg: S3Config | None = None) -> Any:
+    """The JSON at a local path or s3:// URL; FileNotFoundError when there is none."""
+    import json
+
+    if url.startswith("s3://"):
+        from labtrain.data import s3
+
+        def get() -> bytes:
+            with s3.filesystem(s3_cfg).open(url, "rb") as stream:
+                return stream.read()
+
+        return json.loads(s3.with_retries(get, what=url, cfg=s3_cfg))
+    with open(url, "rb") as stream:
+        return json.loads(stream.read())

@@ -110,3 +110,24 @@ def test_page_job_view_history_and_controls(make_server, tmp_path):
     assert f"no job {active} of yours" in dom and active not in "".join(sum(cells(dom, "waiting"), []))  # bob neither sees it nor cancels it
     dom = render(f"{server.url}/#token={ADMIN_TOKEN}&job={active}", tmp_path / "admin")
     assert f"Job {active}: WAITING" in dom and re.search(r'<button id="job-cancel" type="button">', dom), "an admin may cancel anyone's job"
+
+
+def test_page_draws_a_runs_curves_from_its_tensorboard_events(make_server, tmp_path):
+    """The job view charts what the run's TensorBoard events hold (the run says where in its run record)."""
+    import json
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    server = make_server(None)
+    jid = server.client("alice").post("/api/v1/jobs", json=server.sleep_spec("curves")).json()["id"]
+    events = tmp_path / "tb"
+    with SummaryWriter(str(events)) as writer:
+        for step in range(1, 21):
+            writer.add_scalar("train/loss", 2.0 / step, step)
+            writer.add_scalar("perf/samples_per_s", 100.0 + step, step)
+    (server.tmp / "done").mkdir(exist_ok=True)
+    (server.tmp / "done" / f"{jid}.run.json").write_text(json.dumps({"name": jid, "tensorboard": str(events)}))
+    dom = render(f"{server.url}/#token={TOKENS['alice']}&job={jid}", tmp_path / "browser")
+    captions = re.findall(r"<figcaption>(.*?)</figcaption>", dom)
+    assert captions == ["perf/samples_per_s: 120.0 (step 20; range 101 to 120)", "train/loss: 0.1000 (step 20; range 0.100 to 2.00)"], captions
+    assert dom.count("<polyline") == 2 and f"from {events}" in dom

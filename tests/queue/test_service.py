@@ -183,12 +183,22 @@ def test_shapes_job_runs_through_the_queue_on_its_admitted_gang(make_server, ray
     server = make_server(ray_cluster.dashboard_url, extra_args=["--job-cwd", str(REPO)])
     alice = server.client("alice")
     overrides = ["epochs=1", "synthetic.write=true", "synthetic.num_samples=128", "synthetic.samples_per_shard=64", "data.num_workers=0", "data.shuffle_buffer=0",
-                 f"data.urls={tmp_path}/shapes/shard-{{000000..000001}}.tar", f"run.storage_path={tmp_path}/ckpt", "num_val_samples=64", "checkpoint_every=2"]
+                 f"data.urls={tmp_path}/shapes/shard-{{000000..000001}}.tar", f"run.storage_path={tmp_path}/ckpt", "num_val_samples=64", "checkpoint_every=2", "run.log_every=1"]
     jid = submit(alice, {"job": "jobs.shapes", "config": "jobs/shapes/configs/demo.yaml", "overrides": overrides,
                          "resources": {"workers": 2, "cpus_per_worker": 1}, "time_limit_s": 600})
     wait_states(alice, [jid], timeout_s=300)
     logs = alice.get(f"/api/v1/jobs/{jid}/logs").json()["logs"]
     assert (tmp_path / "ckpt" / jid).is_dir(), logs[-2000:]  # run.name defaults to the queue's job id
+    # its curves, as its TensorBoard events hold them (the page's charts)
+    curves = alice.get(f"/api/v1/jobs/{jid}/curves").json()
+    assert curves["tensorboard"] == f"{tmp_path}/ckpt/{jid}/tensorboard", curves
+    scalars = curves["scalars"]
+    assert {"train/loss", "perf/samples_per_s", "perf/data_wait_share"} <= set(scalars), sorted(scalars)
+    steps = [step for step, _ in scalars["train/loss"]]
+    assert len(steps) >= 2 and steps == sorted(steps) and all(v > 0 for _, v in scalars["perf/samples_per_s"]), scalars
+    assert server.client("bob").get(f"/api/v1/jobs/{jid}/curves").status_code == 404
+    none_yet = alice.get(f"/api/v1/jobs/{submit(alice, server.sleep_spec('no-curves', steps=0))}/curves").json()
+    assert none_yet["scalars"] == {} and "not started" in none_yet["message"]
 
 
 def test_the_service_runs_jobs_on_postgresql(make_server, ray_cluster, postgres_url):

@@ -24,7 +24,8 @@ def make_logger(cfg: RunConfig, rank: int) -> tuple[RunLogger, TrainMetrics]:
 def drive(logger: RunLogger) -> None:
     logger.start()
     for step in range(1, 7):
-        logger.batch_done(num_samples=8, step_s=0.01, data_wait_s=0.01)
+        logger.batch_ready(num_samples=8)
+        logger.batch_done(step_s=0.01, data_wait_s=0.01)
         logger.log(step, epoch=0, lrs=lambda: [0.1, 0.2], scalars={"loss": torch.tensor(2.0 / step), "conflict_rate": 0.25})
     logger.image(6, "samples", torch.rand(3, 8, 8))
     logger.close()

@@ -18,7 +18,8 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from labtrain.queue import store as st
-from labtrain.queue.dispatcher import Dispatcher, RayJobs, crash_point, queue_job_id
+from labtrain.queue.curves import job_curves
+from labtrain.queue.dispatcher import Dispatcher, RayJobs, crash_point, done_file, queue_job_id
 from labtrain.queue.metrics import QueueMetrics
 from labtrain.queue.scheduler import fair_share_factors
 from labtrain.queue.spec import JobSpec, Quota, Settings, UserEntry, load_users_file
@@ -162,6 +163,13 @@ def create_app(settings: Settings, *, run_dispatcher: bool = True) -> FastAPI:
     def show(job_id: str, me: dict = Depends(user)) -> dict:
         """The job and its state history (``events``: each state it entered, when, in which attempt, why)."""
         return {**_public(own_job(job_id, me)), "events": service.store.events(job_id)}
+
+    @app.get("/api/v1/jobs/{job_id}/curves")
+    def curves(job_id: str, me: dict = Depends(user)) -> dict:
+        """The run's training curves as its TensorBoard events hold them: ``scalars`` {tag: [[step, value], ...]}
+        (at most 300 points a tag), ``tensorboard`` (where they are), ``message`` (why there are none)."""
+        own_job(job_id, me)
+        return job_curves(done_file(service.dispatcher.done_dir, job_id))
 
     @app.get("/api/v1/history")
     async def history(

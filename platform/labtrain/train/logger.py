@@ -62,9 +62,13 @@ class RunLogger:
         """The first batch of this attempt arrived: throughput is measured from here, not from start-up."""
         self._since["time"] = time.perf_counter()
 
-    def batch_done(self, *, num_samples: int, step_s: float, data_wait_s: float) -> None:
-        """Called by the session after every batch: throughput and data-wait since the last line."""
+    def batch_ready(self, *, num_samples: int) -> None:
+        """Called by the session as each batch goes to the job: its samples count in this step's throughput
+        (counted when it was done instead, a line showed the batches before its step, and 0 samples/s at step 1)."""
         self._since["samples"] += num_samples
+
+    def batch_done(self, *, step_s: float, data_wait_s: float) -> None:
+        """Called by the session after every batch: the data-wait share of the batches done since the last line."""
         self._since["step_s"] += step_s
         self._since["wait_s"] += data_wait_s
 

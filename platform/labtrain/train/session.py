@@ -240,13 +240,14 @@ class Session:
             if self._batches_seen == self._batches_at_start:
                 self.logger.start()
             num_samples = _num_samples(batch, default_size)
+            self.logger.batch_ready(num_samples=num_samples)
             self._batches_seen += 1
             self.strategy.set_gradient_sync(not self.accumulating)
             yield batch
 
     def _batch_done(self, num_samples: int, step_s: float, wait_s: float) -> None:
         self.metrics.batch(num_samples=num_samples, step_s=step_s, data_wait_s=wait_s)
-        self.logger.batch_done(num_samples=num_samples, step_s=step_s, data_wait_s=wait_s)
+        self.logger.batch_done(step_s=step_s, data_wait_s=wait_s)
 
     # -- logging -------------------------------------------------------------------------------
     def log(self, step: int, **scalars: Any) -> None:
