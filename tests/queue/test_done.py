@@ -65,3 +65,12 @@ def test_queue_job_id_of_each_attempts_submission():
 
     assert queue_job_id("lt-0a1b2c3d4e") == "lt-0a1b2c3d4e" and queue_job_id("lt-0a1b2c3d4e-r3") == "lt-0a1b2c3d4e"
     assert queue_job_id("raysubmit_abc") is None and queue_job_id(None) is None
+
+
+def test_waiting_jobs_are_shown_in_the_last_cycles_scheduling_order():
+    from labtrain.queue.api import _in_scheduling_order
+
+    jobs = [{"id": i, "submitted_at": t} for i, t in (("a", 1.0), ("b", 2.0), ("c", 3.0), ("new", 4.0), ("newer", 5.0))]
+    order = {"c": 0, "x-started-meanwhile": 1, "a": 2, "b": 3}  # the plan put c first (priority or fair share)
+    shown = _in_scheduling_order(jobs, order)
+    assert [(j["id"], j["position"]) for j in shown] == [("c", 1), ("a", 2), ("b", 3), ("new", None), ("newer", None)]

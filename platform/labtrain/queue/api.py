@@ -281,7 +281,7 @@ def create_app(settings: Settings, *, run_dispatcher: bool = True) -> FastAPI:
         by_day = service.store.usage_by_day(now, 14)
         return {
             "me": me["name"], "admin": bool(me["admin"]), "now": now,
-            "waiting": [_public(r) for r in rows if r["state"] == st.WAITING],
+            "waiting": _in_scheduling_order([_public(r) for r in rows if r["state"] == st.WAITING], service.dispatcher.wait_order),
             "running": [_public(r) for r in rows if r["state"] != st.WAITING],
             "users": [{"name": u.name, "group": u.group, "share": u.share, "usage": u.usage, "fair_share": factors[u.name],
                        "usage_by_day": by_day.get(u.name, [0.0] * 14)} for u in shares.values()],
@@ -306,6 +306,16 @@ def create_app(settings: Settings, *, run_dispatcher: bool = True) -> FastAPI:
         return {"at": d.nodes_at, "nodes": sorted(nodes, key=lambda n: (not n["head"], n["ip"], n["node_id"]))}
 
     return app
+
+
+def _in_scheduling_order(jobs: list[dict], order: dict[str, int]) -> list[dict]:
+    """Waiting jobs in the order the last scheduling cycle considered them (``position`` 1 starts next; None:
+    submitted since that cycle, shown last)."""
+    ranked = sorted(order.get(j["id"], len(order)) for j in jobs)
+    positions = {rank: i + 1 for i, rank in enumerate(ranked)}
+    for j in jobs:
+        j["position"] = positions[order[j["id"]]] if j["id"] in order else None
+    return sorted(jobs, key=lambda j: (j["position"] is None, j["position"] or 0, j["submitted_at"]))
 
 
 def _user_view(u: dict) -> dict:

@@ -167,6 +167,7 @@ class Dispatcher:
         self._missing: dict[str, int] = {}  # submission id -> consecutive cycles Ray said it has no such job
         self._reasons: dict[str, str] = {}  # waiting job -> the REASON last written
         self._wake = threading.Event()
+        self.wait_order: dict[str, int] = {}  # job still waiting after the last cycle -> its place in the scheduling order
         self.done_dir = settings.resolved_done_dir()
         if self.done_dir and "://" not in self.done_dir:
             os.makedirs(self.done_dir, exist_ok=True)
@@ -214,6 +215,7 @@ class Dispatcher:
         if capacity is None or self.ray is None:
             return
         result = plan(capacity=capacity, users=users, groups=groups, running=running, waiting=waiting, now=now, preemption=s.preemption)
+        self.wait_order = {job_id: i for i, job_id in enumerate(result.waits)}  # plan() fills waits in scheduling order
         self._write_reasons(result)
         for job_id in result.preempt:
             if self.store.transition(job_id, [st.RUNNING], st.PREEMPTING, message=f"preempted for {result.head}"):
