@@ -132,17 +132,14 @@ it too (S3, or the shared claim it mounts), else off (exactly-once across a clus
 {{/* The S3 settings of a pod: the standard AWS variables. */}}
 {{- define "labtrain.s3Env" -}}
 {{- if .Values.s3.enabled }}
-{{- $s3 := dict "max_attempts" (int .Values.s3.maxAttempts) }}
-{{- with .Values.s3.endpointUrl }}{{ $_ := set $s3 "endpoint_url" . }}
+{{- with .Values.s3.endpointUrl }}
 - name: AWS_ENDPOINT_URL
   value: {{ . | quote }}
 {{- end }}
-{{- with .Values.s3.region }}{{ $_ := set $s3 "region" . }}
+{{- with .Values.s3.region }}
 - name: AWS_DEFAULT_REGION
   value: {{ . | quote }}
 {{- end }}
-- name: LABTRAIN_S3_CONFIG
-  value: {{ toJson $s3 | quote }}
 {{- with .Values.s3.existingSecret }}
 - name: AWS_ACCESS_KEY_ID
   valueFrom:
