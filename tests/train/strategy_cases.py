@@ -116,6 +116,8 @@ def distributed(case: str, run_fields: dict[str, Any]) -> dict[str, Any]:
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
     model, optimizer, scheduler = session.prepare(model, optimizer, scheduler)
+    draws = [None] * world  # each rank's first random numbers after prepare (dropout masks come from these)
+    torch.distributed.all_gather_object(draws, torch.rand(4).tolist())
     reductions = {"count": 0}
     wrapped = session.strategy.entries[0].wrapped
     if isinstance(wrapped, nn.parallel.DistributedDataParallel):
@@ -133,7 +135,7 @@ def distributed(case: str, run_fields: dict[str, Any]) -> dict[str, Any]:
         optimizer.zero_grad()
         scheduler.step()
     lr = optimizer.param_groups[0]["lr"]
-    return {"model": _gathered_state(session, session.unwrap(model)), "reductions": reductions["count"], "lr": lr}
+    return {"model": _gathered_state(session, session.unwrap(model)), "reductions": reductions["count"], "lr": lr, "draws": draws}
 
 
 def worker(rank: int, world_size: int, port: int, run_fields: dict[str, Any], cases: list[str], out: str) -> None:

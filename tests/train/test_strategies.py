@@ -49,6 +49,7 @@ def test_two_ranks_match_one_process_on_the_global_batch(strategy, references, t
     one, accumulated = results["one"], results["accumulate_clip"]
     assert one["lr"] == pytest.approx(0.01 * 0.5**3)  # the job's scheduler stepped once per step
     assert accumulated["lr"] == pytest.approx(0.01 * 0.5**3), "with accumulation the scheduler steps once per optimizer step, not per batch"
+    assert one["draws"][0] != one["draws"][1], "every rank drew the same random numbers: dropout masks would repeat on each"
     if strategy in ("ddp", "accelerate"):
         # One bucket: 3 all-reduces without accumulation, and still 3 for 6 batches of which 3 only accumulate.
         assert one["reductions"] == 3 and accumulated["reductions"] == 3
@@ -68,3 +69,27 @@ def test_zero3_with_two_models_sharing_parameters_is_refused_naming_the_field():
         check_support(cfg, num_models=2, shared_parameters=True)
     check_support(cfg, num_models=2, shared_parameters=False)
     check_support(cfg.model_copy(update={"zero_stage": 2}), num_models=2, shared_parameters=True)
+
+
+def test_each_rank_gets_its_own_random_stream_derived_from_the_jobs_seed():
+    from labtrain.train.session import _seed_per_rank
+
+    def draws(rank: int) -> list[float]:
+        torch.manual_seed(7)  # the job's seed, the same on every rank
+        _seed_per_rank(rank)
+        return torch.rand(3).tolist()
+
+    assert draws(0) == draws(0) and draws(1) == draws(1)  # reproducible
+    assert draws(0) != draws(1)
+    torch.manual_seed(8)
+    _seed_per_rank(0)
+    assert torch.rand(3).tolist() != draws(0), "another job seed gives other streams"
+
+
+def test_gpu_shapes_a_worker_cannot_use_are_refused_and_shared_gpus_use_gloo():
+    from labtrain.train.strategies import backend
+
+    with pytest.raises(ConfigError, match="run.gpus_per_worker: value 1.5 is not allowed"):
+        check_support(RunConfig(gpus_per_worker=1.5))
+    assert [backend(RunConfig(gpus_per_worker=g)) for g in (0, 0.5, 1, 2)] == ["gloo", "gloo", "nccl", "nccl"]
+    check_support(RunConfig(gpus_per_worker=2))

@@ -33,6 +33,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from labtrain.config import Config, RunConfig
 from labtrain.storage import checkpoint_storage
 from labtrain.train.session import Session
+from labtrain.train.strategies import backend
 
 TrainFn = Callable[[Session, Any], Any]
 log = logging.getLogger("labtrain.train")
@@ -81,7 +82,7 @@ def make_trainer(train_fn: TrainFn, job_cfg: Config, run_cfg: RunConfig, *, kind
     return TorchTrainer(
         _worker_main,
         train_loop_config={"fn": train_fn, "job": job_cfg, "run": run_cfg, "kind": kind, "start_token": start_token},
-        torch_config=TorchConfig(backend="nccl" if run_cfg.gpus_per_worker else "gloo"),
+        torch_config=TorchConfig(backend=backend(run_cfg)),
         scaling_config=ScalingConfig(
             num_workers=run_cfg.num_workers,
             use_gpu=run_cfg.gpus_per_worker > 0,

@@ -63,6 +63,16 @@ class Restored:
     resumed: bool = False
 
 
+def _seed_per_rank(rank: int) -> None:
+    """After the models exist (built alike on every rank from the job's seed), give each rank its own random
+    stream, derived from that seed: dropout, DropToken and augmentation masks differ across ranks instead of
+    repeating on each; every device's generator included. A resumed run then takes each rank's saved state."""
+    seed = (torch.initial_seed() * 1_000_003 + rank) % 2**63
+    torch.manual_seed(seed)  # CPU and every CUDA device
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
 def _rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -171,6 +181,7 @@ class Session:
                 raise TypeError(f"session.prepare takes (model, optimizer[, scheduler]) groups; got {type(group).__name__}")
             triples.append((tuple(group) + (None, None))[:3])
         entries = self.strategy.prepare(triples)
+        _seed_per_rank(self.rank)
         results = []
         for group, entry in zip(groups, entries):
             for obj in (entry.model, entry.module, entry.wrapped, group[0]):

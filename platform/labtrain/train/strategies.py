@@ -29,6 +29,9 @@ def device() -> torch.device:
     or one worker holding two would get wrong), else the CPU."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
+    # TF32 for fp32 matmuls and convolutions (Ampere and later): fp32 weights, 10-bit mantissa products.
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
     try:
         import ray.train.torch
 
@@ -37,9 +40,21 @@ def device() -> torch.device:
         return torch.device("cuda", dist.local_rank())
 
 
+def backend(cfg: RunConfig) -> str:
+    """The process group's backend: NCCL when each worker has whole GPUs of its own; gloo on CPU, and for
+    workers sharing a GPU (``gpus_per_worker`` < 1), which NCCL refuses ("duplicate GPU detected")."""
+    return "nccl" if cfg.gpus_per_worker >= 1 else "gloo"
+
+
 def check_support(cfg: RunConfig, *, num_models: int = 1, shared_parameters: bool = False) -> None:
     """Refuse, before anything starts, what ``cfg.strategy`` cannot do for a job that trains ``num_models``
-    models (``shared_parameters``: some parameter is in two of them). Raises ConfigError naming the field."""
+    models (``shared_parameters``: some parameter is in two of them), and GPU shapes a worker cannot use.
+    Raises ConfigError naming the field."""
+    if cfg.gpus_per_worker > 1 and not float(cfg.gpus_per_worker).is_integer():
+        raise ConfigError(
+            f"run.gpus_per_worker: value {cfg.gpus_per_worker:g} is not allowed: a worker takes a share of one GPU (below 1, "
+            "workers then share it over gloo) or whole GPUs (1, 2, ...)"
+        )
     if cfg.strategy == "deepspeed" and cfg.zero_stage == 3 and num_models > 1 and shared_parameters:
         raise ConfigError(
             f"run.zero_stage: value 3 is not allowed for this job: it trains {num_models} models that share parameters, and "
