@@ -138,7 +138,10 @@ def test_a_preempted_nas_search_continues_from_its_saved_state(make_server, ray_
     wait_for(lambda: finished() >= 4, 120, what="4 finished trials of the search")
 
     def holders() -> dict[str, float]:  # the cluster view: which jobs hold CPUs on which node
-        nodes = alice.get("/api/v1/cluster").json()["nodes"]
+        view = alice.get("/api/v1/cluster").json()
+        if view["at"] is None:
+            return {}  # not read yet: the dispatcher reads the nodes once the view is asked for
+        nodes = view["nodes"]
         assert len(nodes) == 2 and all(n["cpus"] == 2 and n["cpus_used"] + n["cpus_free"] == 2 for n in nodes), nodes
         return {h["job"]: h["cpus"] for n in nodes for h in n["holders"] if h["job"]}
 

@@ -99,6 +99,8 @@ def test_history_filters_and_pages_finished_jobs(store):
     assert {r["state"] for r in store.history(states=[st.FAILED, st.TIMEOUT])} == {st.FAILED, st.TIMEOUT}
     [preempted] = store.history(states=["PREEMPTED"])
     assert preempted["num_preemptions"] == 1 and preempted["attempt"] == 2
+    either = {r["id"] for r in store.history(states=[st.FAILED, "PREEMPTED"])}  # either one, as `--state FAILED,PREEMPTED` reads
+    assert either == {j for j, v in ended.items() if v[2] == st.FAILED} | {preempted["id"]} and len(either) == 3
     assert {r["ended_at"] for r in store.history(since=210.0, until=230.0)} == {210.0, 220.0}
 
 

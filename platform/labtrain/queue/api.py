@@ -53,13 +53,9 @@ def _public(row: dict) -> dict[str, Any]:
     return out
 
 
-def _refuse_query(field: str, message: str, value: Any = None) -> HTTPException:
-    return HTTPException(422, detail=[{"loc": ["query", field], "msg": message, "type": "value_error", "input": value}])
-
-
-def _refuse(field: str, message: str, value: Any = None) -> HTTPException:
-    """A 422 shaped like FastAPI's own validation errors, naming the field."""
-    return HTTPException(422, detail=[{"loc": ["body", *field.split(".")], "msg": message, "type": "value_error", "input": value}])
+def _refuse(field: str, message: str, value: Any = None, *, where: str = "body") -> HTTPException:
+    """A 422 shaped like FastAPI's own validation errors, naming the field (of the body, or ``where="query"``)."""
+    return HTTPException(422, detail=[{"loc": [where, *field.split(".")], "msg": message, "type": "value_error", "input": value}])
 
 
 class QuotaUpdate(BaseModel):
@@ -188,14 +184,14 @@ def create_app(settings: Settings, *, run_dispatcher: bool = True) -> FastAPI:
         states = [s for s in state.upper().split(",") if s] if state else None
         unknown = sorted(set(states or ()) - {*st.FINISHED, "PREEMPTED"})
         if unknown:
-            raise _refuse_query("state", f"unknown state {', '.join(unknown)}: history has {', '.join(st.FINISHED)} and PREEMPTED", state)
+            raise _refuse("state", f"unknown state {', '.join(unknown)}: history has {', '.join(st.FINISHED)} and PREEMPTED", state, where="query")
         cursor = None
         if before:
             at, _, job_id = before.partition(":")
             try:
                 cursor = (float(at), job_id)
             except ValueError:
-                raise _refuse_query("before", "not a cursor this API gave (pass the `next` of the previous page)", before) from None
+                raise _refuse("before", "not a cursor this API gave (pass the `next` of the previous page)", before, where="query") from None
         rows = service.store.history(user=owner, states=states, since=since, until=until, before=cursor, limit=limit)
         following = f"{rows[-1]['ended_at']!r}:{rows[-1]['id']}" if len(rows) == limit else None
         return Response(orjson.dumps({"jobs": [_public(r) for r in rows], "next": following}), media_type="application/json")
@@ -291,16 +287,17 @@ def create_app(settings: Settings, *, run_dispatcher: bool = True) -> FastAPI:
     @app.get("/api/v1/cluster")
     def cluster_view(me: dict = Depends(user)) -> dict:
         """Each node's CPUs and GPUs, used and free, and which jobs hold them (the queue's, by id; others by
-        their Ray submission id); ``at``: when it was read (every 5 s by the dispatcher), null before the first."""
+        their Ray submission id); ``at``: when it was read (every 5 s by the dispatcher while someone looks,
+        so it is not read for nobody), null before the first."""
         d = service.dispatcher
+        d.nodes_wanted_at = time.time()
         nodes = []
         for n in d.nodes or []:
             holders = []
             for sid, held in sorted(n["holders"].items()):
                 job = queue_job_id(sid)
                 row = service.store.job(job) if job else None
-                mine = row is not None and (row["user"] == me["name"] or me["admin"])
-                holders.append({"job": job if row is not None else None, "submission_id": sid, "user": row["user"] if row else None, "yours": mine, **held})
+                holders.append({"job": job if row is not None else None, "submission_id": sid, "user": row["user"] if row else None, **held})
             nodes.append({**{k: v for k, v in n.items() if k != "holders"}, "cpus_free": max(n["cpus"] - n["cpus_used"], 0.0),
                           "gpus_free": max(n["gpus"] - n["gpus_used"], 0.0), "holders": holders})
         return {"at": d.nodes_at, "nodes": sorted(nodes, key=lambda n: (not n["head"], n["ip"], n["node_id"]))}

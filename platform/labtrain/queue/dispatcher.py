@@ -163,6 +163,7 @@ class Dispatcher:
         self._capacity_at = -float("inf")
         self.nodes: list[dict[str, Any]] | None = None  # the cluster's nodes as last read (RayJobs.nodes), for the page
         self.nodes_at: float | None = None
+        self.nodes_wanted_at = -float("inf")  # when the cluster view was last asked for (GET /api/v1/cluster)
         self._nodes_tried = -float("inf")
         self._missing: dict[str, int] = {}  # submission id -> consecutive cycles Ray said it has no such job
         self._reasons: dict[str, str] = {}  # waiting job -> the REASON last written
@@ -186,12 +187,6 @@ class Dispatcher:
             except Exception as error:  # keep the last known capacity
                 log.warning("cannot read the Ray cluster's resources: %s", error)
 
-        if refresh and self.ray is not None and now - self._nodes_tried > 5.0:
-            self._nodes_tried = now
-            try:
-                self.nodes, self.nodes_at = self.ray.nodes(), now
-            except Exception as error:  # the page shows how old its view is
-                log.warning("cannot read what the Ray cluster's nodes hold: %s", error)
         cap = self._capacity
         if cap is not None and not any(cap[2:]):  # no memory figure: do not let memory requests block
             cap = (cap[0], cap[1], float("inf"))
@@ -209,6 +204,7 @@ class Dispatcher:
                     self.metrics.dispatch_errors.inc()
                     log.warning("following job %s (%s) failed: %s", row["id"], row["submission_id"], error)
         self.store.charge_running(now, half_life_s=s.half_life_s, gpu_weight=s.gpu_weight)
+        self._refresh_nodes(now)
         users, groups, running, waiting = self.store.snapshot(now, s.half_life_s)
         self.metrics.observe_state(users, running, waiting)
         capacity = self.capacity(now, refresh=True)
@@ -227,6 +223,17 @@ class Dispatcher:
             except Exception as error:
                 self.metrics.dispatch_errors.inc()
                 log.warning("submitting job %s failed (retried next cycle): %s", row["id"], error)
+
+    def _refresh_nodes(self, now: float) -> None:
+        """What each node holds, read every 5 s while the cluster view was asked for in the last minute (five
+        state-API listings: not worth a cycle when no page is open)."""
+        if self.ray is None or now - self.nodes_wanted_at > 60.0 or now - self._nodes_tried < 5.0:
+            return
+        self._nodes_tried = now
+        try:
+            self.nodes, self.nodes_at = self.ray.nodes(), now
+        except Exception as error:  # the page shows how old its view is
+            log.warning("cannot read what the Ray cluster's nodes hold: %s", error)
 
     def _write_reasons(self, result) -> None:
         """Each waiting job's REASON in words, written only when it changed (a job the cycle did not reach

@@ -249,14 +249,15 @@ class Store:
 
     def history(self, *, user: str | None = None, states: Iterable[str] | None = None, since: float | None = None, until: float | None = None,
                 before: tuple[float, str] | None = None, limit: int = 50) -> list[dict]:
-        """Finished jobs, the latest to end first; ``states`` among FINISHED and PREEMPTED (finished after at
-        least one preemption); ``before``: the (ended_at, id) of the last row of the previous page."""
+        """Finished jobs, the latest to end first; ``states``: any of FINISHED and PREEMPTED (finished after at
+        least one preemption), e.g. FAILED or PREEMPTED; ``before``: the (ended_at, id) of the last row of the
+        previous page."""
         c = jobs_t.c
-        states = list(states) if states else list(FINISHED)
-        wanted = [st for st in states if st in FINISHED] or list(FINISHED)
-        q = sa.select(jobs_t).where(c.state.in_(wanted), c.ended_at.is_not(None))
-        if "PREEMPTED" in states:
-            q = q.where(c.num_preemptions > 0)
+        states = list(states or ())
+        q = sa.select(jobs_t).where(c.state.in_(FINISHED), c.ended_at.is_not(None))
+        wanted = [c.state.in_([s for s in states if s in FINISHED])] + ([c.num_preemptions > 0] if "PREEMPTED" in states else [])
+        if states:
+            q = q.where(sa.or_(*wanted))
         if user is not None:
             q = q.where(c.user == user)
         if since is not None:
