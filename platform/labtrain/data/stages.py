@@ -18,6 +18,7 @@ import random
 import re
 import tarfile
 import time
+import zlib
 from collections import deque
 from dataclasses import dataclass
 from typing import IO, Any, Callable, Iterable, Iterator, Sequence
@@ -49,6 +50,14 @@ class EpochPlan:
     starts: tuple[int, ...]  # global position of each shard's first sample
     rank_start: int  # global position of this rank's position 0
     per_rank: int
+    seed: int = 0
+    epoch: int = 0
+
+    def sample_seed(self, rank_pos: int) -> int:
+        """The seed of the sample at ``rank_pos`` this epoch: a decoder that draws random numbers (clip
+        windows, crops) seeds them from ``sample["__seed__"]``, so a resumed run draws the same numbers
+        whichever dataloader worker decodes the sample."""
+        return zlib.crc32(f"{self.seed}:{self.epoch}:{self.rank_start + rank_pos}".encode())
 
     def locate(self, rank_pos: int) -> tuple[int, int]:
         """(shard number, sample offset inside it) of a rank position."""
@@ -68,7 +77,7 @@ def plan_epoch(shards: Sequence[Shard], *, seed: int, epoch: int, rank: int, wor
     per_rank = total // world_size
     if per_rank == 0:
         raise DataError(f"the shards hold {total} samples, fewer than the {world_size} ranks; every rank needs at least one")
-    return EpochPlan(tuple(order), tuple(starts), rank * per_rank, per_rank)
+    return EpochPlan(tuple(order), tuple(starts), rank * per_rank, per_rank, seed, epoch)
 
 
 def take(ranges: Ranges, start: int, count: int) -> Ranges:
@@ -153,6 +162,18 @@ def _read_shard(shard: Shard, skip: int, count: int, s3_cfg: S3Config | None = N
         raise DataError(f"shard {shard.url} ended after {seen} samples, but the index promises at least {skip + count}")
 
 
+def first_sample(shards: Sequence[Shard], s3_cfg: S3Config | None = None) -> Sample | None:
+    """The first sample of the first readable shard, undecoded (what a job checks its sampling against
+    before it starts), or None."""
+    for shard in shards:
+        try:
+            for sample in _read_shard(shard, 0, 1, s3_cfg):
+                return sample
+        except (DataError, tarfile.TarError, OSError, EOFError, ValueError):
+            continue
+    return None
+
+
 def read_positions(ranges: Ranges, *, plan: EpochPlan, s3_cfg: S3Config | None = None) -> Iterator[Sample]:
     """Open, expand and group the tars behind ``ranges``. A transient error (a reset S3 connection, say)
     reopens the shard after a backoff and carries on at the next sample; a shard that fails for good
@@ -170,6 +191,7 @@ def read_positions(ranges: Ranges, *, plan: EpochPlan, s3_cfg: S3Config | None =
                 try:
                     for sample in _read_shard(shard, offset + done, count - done, s3_cfg):
                         sample["__pos__"] = pos + done
+                        sample["__seed__"] = plan.sample_seed(pos + done)
                         yield sample
                         done += 1
                     break
@@ -283,7 +305,7 @@ def shuffle(samples: Iterable[Sample], *, buffer_size: int, seed: str) -> Iterat
     yield from buffer
 
 
-META_KEYS = ("__pos__", "__filler__", "__skipped__", "__bad_shards__", "__url__", "__local_path__")
+META_KEYS = ("__pos__", "__seed__", "__filler__", "__skipped__", "__bad_shards__", "__url__", "__local_path__")
 
 
 def batch(samples: Iterable[Sample], *, batch_size: int, collate: Callable[[list[Sample]], Any] = default_collate) -> Iterator[dict]:

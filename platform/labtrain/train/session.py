@@ -33,9 +33,11 @@ restart continues the same run.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
+import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -267,6 +269,20 @@ class Session:
         Prometheus gauges (every rank); tensors are read only then."""
         self.logger.log(step, epoch=self._epoch, lrs=self._learning_rates, scalars=scalars)
         self._last_scalars = scalars
+        if step == self.cfg.kill_worker_at_step and self.rank == self.world_size - 1:
+            self._fault_drill(step)
+
+    def _fault_drill(self, step: int) -> None:
+        """run.kill_worker_at_step: die the way a lost node dies (SIGKILL, no cleanup), once per run."""
+        digest = hashlib.sha1(f"{storage.run_dir(self.cfg)}".encode()).hexdigest()[:16]
+        marker = os.path.join(tempfile.gettempdir(), f"labtrain-drill-{self.cfg.name}-{digest}")
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return  # the drill already happened; this is the restarted run
+        os.close(fd)
+        log.warning("fault drill (run.kill_worker_at_step=%d): rank %d kills itself", step, self.rank)
+        os.kill(os.getpid(), signal.SIGKILL)
 
     def _learning_rates(self) -> list[float]:
         return [float(e.optimizer.param_groups[0]["lr"]) for e in self.strategy.entries if e.trained]
