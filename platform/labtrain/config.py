@@ -69,7 +69,7 @@ class DataConfig(Config):
     index: StoragePath | None = Field(None, description="index.json beside the shards; None means <dir of urls>/index.json.")
     batch_size: int = Field(32, ge=1, description="Samples per batch on each rank.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank.")
-    shuffle_buffer: int = Field(0, ge=0, description="Samples shuffled in a buffer inside each worker (0 = shard order only).")
+    shuffle_buffer: int = Field(0, ge=0, description="Samples shuffled in a buffer inside each dataloader worker (0 = shard order only); the buffer holds them as read (encoded), before decoding.")
     seed: int = Field(0, description="Seed of the per-epoch shard order and the shuffle buffer.")
     max_bad_shards: int = Field(0, ge=0, description="Unreadable shards tolerated on one rank over the run before the job fails.")
     s3: S3Config = Field(default_factory=S3Config, description="S3 endpoint and credentials for s3:// URLs.")

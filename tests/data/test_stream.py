@@ -211,3 +211,18 @@ def test_resume_refuses_state_saved_for_other_data(even_shards):
     with pytest.raises(ValueError, match="seed changed"):
         DataStream(DataConfig(urls=pattern, batch_size=4, seed=1), rank=0, world_size=1).load_state_dict(state)
     DataStream(DataConfig(urls=pattern, batch_size=4), rank=0, world_size=1).load_state_dict(state)  # the same data: fine
+
+
+def test_the_shuffle_buffer_holds_samples_as_read_not_decoded(even_shards):
+    """Decoding comes after the buffer: the first batch of 4 from a 64-sample buffer decodes 4 samples, and
+    what the buffer holds is the tar's bytes (a decoded video clip would be ~100x larger)."""
+    decoded = []
+
+    def decoder(sample):
+        assert all(isinstance(v, bytes) for k, v in sample.items() if not k.startswith("__")), "the decoder sees raw bytes"
+        decoded.append(sample["__key__"])
+        return {"__key__": sample["__key__"], "cls": int(sample["cls"])}
+
+    stream = DataStream(DataConfig(urls=even_shards[0], batch_size=4, shuffle_buffer=64), decoder=decoder, rank=0, world_size=1)
+    first = next(iter(stream))
+    assert len(first["cls"]) == 4 and len(decoded) == 4
