@@ -70,6 +70,9 @@ class DataConfig(Config):
     batch_size: int = Field(32, ge=1, description="Samples per batch on each rank.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank.")
     shuffle_buffer: int = Field(0, ge=0, description="Samples shuffled in a buffer inside each dataloader worker (0 = shard order only); the buffer holds them as read (encoded), before decoding.")
+    shuffle_buffer_mb: float = Field(
+        1024, gt=0, description="Upper bound on the shuffle buffer's bytes in each dataloader worker: with large samples (video) it holds fewer than shuffle_buffer.",
+    )
     seed: int = Field(0, description="Seed of the per-epoch shard order and the shuffle buffer.")
     max_bad_shards: int = Field(0, ge=0, description="Unreadable shards tolerated on one rank over the run before the job fails.")
     s3: S3Config = Field(default_factory=S3Config, description="S3 endpoint and credentials for s3:// URLs.")

@@ -226,3 +226,25 @@ def test_the_shuffle_buffer_holds_samples_as_read_not_decoded(even_shards):
     stream = DataStream(DataConfig(urls=even_shards[0], batch_size=4, shuffle_buffer=64), decoder=decoder, rank=0, world_size=1)
     first = next(iter(stream))
     assert len(first["cls"]) == 4 and len(decoded) == 4
+
+
+def test_the_shuffle_buffer_is_bounded_in_bytes():
+    from labtrain.data.stages import shuffle
+
+    samples = [{"__key__": f"k{i}", "mp4": bytes(1000)} for i in range(100)]
+    peak, held, out = 0, 0, []
+    consumed = iter(samples)
+
+    def counting():
+        nonlocal held, peak
+        for sample in consumed:
+            held += 1
+            peak = max(peak, held - len(out))
+            yield sample
+
+    for sample in shuffle(counting(), buffer_size=64, seed="s", max_bytes=10_000):
+        out.append(sample)
+    assert sorted(s["__key__"] for s in out) == sorted(s["__key__"] for s in samples)
+    assert peak <= 11, f"the buffer held {peak} samples of 1000 bytes under a 10,000-byte bound"
+    unbounded = [s["__key__"] for s in shuffle(iter(samples), buffer_size=64, seed="s")]
+    assert unbounded != [s["__key__"] for s in out]  # the bound changed what the buffer could mix

@@ -290,17 +290,26 @@ def fill_lost(samples: Iterable[Sample], *, ring_size: int = 16, donor: Callable
         raise DataError(f"no readable sample in this worker's share or anywhere in the epoch's shards ({len(pending)} positions lost); bad shards: {names}")
 
 
-def shuffle(samples: Iterable[Sample], *, buffer_size: int, seed: str) -> Iterator[Sample]:
-    """Seeded buffer shuffle; ``buffer_size`` 0 or 1 passes samples through."""
+def _nbytes(sample: Sample) -> int:
+    return sum(len(v) for v in sample.values() if isinstance(v, (bytes, bytearray)))
+
+
+def shuffle(samples: Iterable[Sample], *, buffer_size: int, seed: str, max_bytes: int | None = None) -> Iterator[Sample]:
+    """Seeded buffer shuffle; ``buffer_size`` 0 or 1 passes samples through. ``max_bytes`` bounds what the
+    buffer holds (the bytes of its samples as read): large samples give a smaller buffer, never more memory."""
     if buffer_size <= 1:
         yield from samples
         return
     rng = random.Random(seed)
     buffer: list[Sample] = []
+    held = 0
     for sample in samples:
         buffer.append(sample)
-        if len(buffer) >= buffer_size:
-            yield buffer.pop(rng.randrange(len(buffer)))
+        held += _nbytes(sample)
+        while buffer and (len(buffer) >= buffer_size or (max_bytes is not None and held > max_bytes)):
+            out = buffer.pop(rng.randrange(len(buffer)))
+            held -= _nbytes(out)
+            yield out
     rng.shuffle(buffer)
     yield from buffer
 

@@ -66,7 +66,7 @@ class ShardStream(IterableDataset):
         # after it: a buffer of decoded float clips would hold ~100x the bytes (VATT base: 19 MB a clip).
         chain = [
             functools.partial(stages.read_positions, plan=self.plan, s3_cfg=cfg.s3),
-            functools.partial(stages.shuffle, buffer_size=cfg.shuffle_buffer, seed=f"{cfg.seed}:{self.epoch}:{self.plan.rank_start}:{worker}:{sum(hi - lo for lo, hi in self.remaining)}"),
+            functools.partial(stages.shuffle, buffer_size=cfg.shuffle_buffer, max_bytes=int(cfg.shuffle_buffer_mb * 2**20), seed=f"{cfg.seed}:{self.epoch}:{self.plan.rank_start}:{worker}:{sum(hi - lo for lo, hi in self.remaining)}"),
             functools.partial(stages.decode, decoder=self.decoder),
             functools.partial(stages.map_samples, fn=self.transform) if self.transform else None,
             functools.partial(stages.fill_lost, donor=functools.partial(stages.donor_sample, self.plan, decoder=self.decoder, transform=self.transform, s3_cfg=cfg.s3)),
