@@ -46,7 +46,7 @@ def train(session: Session, cfg: VattConfig) -> None:
     while data.epoch < cfg.epochs:
         for batch in session.batches(data):
             measure = cfg.harmonize.enabled or step % cfg.log_every == 0  # per-sample gradients cost two small backward passes
-            emb = model(batch["video"].to(session.device), batch["audio"].to(session.device), batch["text"].to(session.device))
+            emb = model(batch["video"].to(session.device, non_blocking=True), batch["audio"].to(session.device, non_blocking=True), batch["text"].to(session.device, non_blocking=True))
             loss, stats = objective(emb, cfg.harmonize, cfg.model.temperature, step=step, total_steps=total_steps, measure=measure)
             session.backward(loss, model=model)
             optimizer.step()

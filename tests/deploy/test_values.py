@@ -146,6 +146,10 @@ def test_autoscaling(helm):
     queue_env = env_of(one(render(CI / "autoscaling-values.yaml"), "Deployment")["spec"]["template"]["spec"]["containers"][0])
     assert json.loads(queue_env["LABTRAIN_QUEUE_CAPACITY"]["value"]) == {"CPU": 64, "GPU": 0}  # admits before Ray scales up
     assert "LABTRAIN_QUEUE_CAPACITY" not in env_of(one(render(), "Deployment")["spec"]["template"]["spec"]["containers"][0])
+    # Ray Train runs refuse a gang that no node can hold, except where the autoscaler can add one.
+    head = lambda values: env_of(one(values, "RayCluster")["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0])  # noqa: E731
+    assert head(render(CI / "autoscaling-values.yaml"))["LABTRAIN_AUTOSCALING"]["value"] == "1"
+    assert "LABTRAIN_AUTOSCALING" not in head(render())
 
 
 def test_head_exposes_the_job_api(helm):

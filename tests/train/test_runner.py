@@ -144,3 +144,17 @@ def test_a_failed_run_ends_with_one_error_line_naming_the_cause(ray_cluster, sha
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 1
     assert err[-1].startswith("error: the run failed: RuntimeError: the probe's loss became NaN at step 2"), err[-5:]
+
+
+def test_a_gang_that_fits_no_node_is_refused_before_anything_starts(ray_cluster, shards, tmp_path):
+    """The test cluster's nodes have 2 CPUs each: a 64-CPU worker, or 5 workers of 1 CPU, would leave a
+    placement group pending forever. Both are refused at once, naming what was asked and what exists."""
+    from labtrain.train.runner import GangDoesNotFitError
+
+    big = probe(shards, tmp_path, cpus_per_worker=64)
+    with pytest.raises(GangDoesNotFitError, match=r"one worker needs CPU=64, more than any node of the cluster has \(CPU=2; CPU=2\)"):
+        run(probe_train, big, big.run, kind="probe")
+    many = probe(shards, tmp_path)
+    many = many.model_copy(update={"run": many.run.model_copy(update={"num_workers": 9})})
+    with pytest.raises(GangDoesNotFitError, match=r"9 workers of CPU=1 do not fit: the cluster's 2 nodes hold at most 4 such workers"):
+        run(probe_train, many, many.run, kind="probe")

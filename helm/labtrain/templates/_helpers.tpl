@@ -165,6 +165,10 @@ it too (S3, or the shared claim it mounts), else off (exactly-once across a clus
   value: {{ . | quote }}
 {{- end }}
 {{- include "labtrain.s3Env" . }}
+{{- if .Values.ray.autoscaling.enabled }}
+- name: LABTRAIN_AUTOSCALING
+  value: "1"
+{{- end }}
 {{- with .Values.ray.env }}
 {{ toYaml . }}
 {{- end }}

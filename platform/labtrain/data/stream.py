@@ -96,12 +96,14 @@ class DataStream:
         rank: int | None = None,
         world_size: int | None = None,
         metrics=None,
+        pin_memory: bool = False,
     ):
         self.cfg = cfg
         self.rank = dist.rank() if rank is None else rank
         self.world_size = dist.world_size() if world_size is None else world_size
         self.shards = load_shards(cfg.urls, cfg.index, cfg.s3)
         self.metrics = metrics
+        self.pin_memory = pin_memory
         self.dataset = ShardStream(
             cfg,
             self.shards,
@@ -145,6 +147,7 @@ class DataStream:
                 self.dataset,
                 batch_size=None,
                 num_workers=self.cfg.num_workers,
+                pin_memory=self.pin_memory,  # page-locked batches: .to(device, non_blocking=True) overlaps the copy
                 persistent_workers=False,  # the worker split is recomputed from what remains each epoch
                 # A generator of its own: by default each new loader draws its seed from torch's global RNG,
                 # so a resumed run (which builds a loader where the first run did not) would train on other

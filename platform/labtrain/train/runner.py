@@ -104,6 +104,40 @@ class RunStartError(RuntimeError):
     """The run's workers never started (see the start watchdog in this module's docstring)."""
 
 
+class GangDoesNotFitError(RunStartError):
+    """The run asks for workers that the cluster's nodes could not hold even when idle."""
+
+
+def _worker_bundle(run_cfg: RunConfig) -> dict[str, float]:
+    need = {"CPU": run_cfg.cpus_per_worker, **run_cfg.resources_per_worker}
+    if run_cfg.gpus_per_worker:
+        need["GPU"] = run_cfg.gpus_per_worker
+    return need
+
+
+def check_gang_fits(run_cfg: RunConfig) -> None:
+    """Refuse, before anything starts, a run whose placement group would wait forever: a worker larger than
+    every node, or more workers than the whole cluster holds when idle (Ray would only say "pending").
+    Skipped where an autoscaler adds nodes on demand (LABTRAIN_AUTOSCALING=1, set by the Helm chart)."""
+    if os.environ.get("LABTRAIN_AUTOSCALING") == "1":
+        return
+    need = _worker_bundle(run_cfg)
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    per_node = [min(int(res.get(k, 0) // v) for k, v in need.items() if v > 0) for res in nodes]
+    shown = ", ".join(f"{k}={v:g}" for k, v in need.items())
+    if not any(per_node):
+        sizes = "; ".join(", ".join(f"{k}={res.get(k, 0):g}" for k in need) for res in nodes) or "no live node"
+        raise GangDoesNotFitError(
+            f"run {run_cfg.name}: one worker needs {shown}, more than any node of the cluster has ({sizes}). Lower run.cpus_per_worker, "
+            "run.gpus_per_worker or run.resources_per_worker, or add a node that large"
+        )
+    if sum(per_node) < run_cfg.num_workers:
+        raise GangDoesNotFitError(
+            f"run {run_cfg.name}: {run_cfg.num_workers} workers of {shown} do not fit: the cluster's {len(nodes)} nodes hold at most "
+            f"{sum(per_node)} such workers even when idle. Use run.num_workers <= {sum(per_node)}, smaller workers, or more nodes"
+        )
+
+
 def run(train_fn: TrainFn, job_cfg: Config, run_cfg: RunConfig, *, kind: str, callbacks: Sequence[Any] = ()) -> Result:
     """Run ``train_fn(session, job_cfg)`` on ``run_cfg.num_workers`` Ray Train workers until it returns.
 
@@ -115,6 +149,7 @@ def run(train_fn: TrainFn, job_cfg: Config, run_cfg: RunConfig, *, kind: str, ca
         return make_trainer(train_fn, job_cfg, run_cfg, kind=kind, callbacks=callbacks).fit()
     if not ray.is_initialized():
         ray.init()
+    check_gang_fits(run_cfg)
     for attempt in (1, 2):
         token = f"{run_cfg.name}-{uuid.uuid4().hex}"
         trainer = make_trainer(train_fn, job_cfg, run_cfg, kind=kind, start_token=token, callbacks=callbacks)

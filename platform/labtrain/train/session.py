@@ -226,6 +226,7 @@ class Session:
     # -- data ----------------------------------------------------------------------------------
     def data(self, cfg: DataConfig, **kwargs) -> DataStream:
         """This rank's stream of ``cfg``, counting bad data in this worker's metrics."""
+        kwargs.setdefault("pin_memory", self.device.type == "cuda")
         stream = DataStream(cfg, rank=self.rank, world_size=self.world_size, metrics=self.metrics, **kwargs)
         self._streams.append(stream)
         return stream

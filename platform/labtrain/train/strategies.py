@@ -153,7 +153,9 @@ class DDPStrategy(Strategy):
             wrapped = model
             if dist.world_size() > 1:
                 ids = [self.device.index] if self.device.type == "cuda" else None
-                wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+                # broadcast_buffers=False: DDP would otherwise send every buffer from rank 0 before each forward (VATT's
+                # frozen 79 MB word table, every step). Running statistics stay per rank; rank 0's are checkpointed.
+                wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
             self.entries.append(Prepared(index, model, self._autocast(wrapped), optimizer, scheduler, wrapped))
         return self.entries
 
