@@ -60,10 +60,24 @@ class TrainEvaluator:
         return train_and_validate(net, self.cfg)
 
 
+def cap_gpu_memory(share: float) -> bool:
+    """A trial given a fraction of a GPU (trials.gpus_per_trial < 1) may allocate only that share of its
+    memory, so trials packed on one GPU cannot starve each other; True when a cap was set."""
+    if not 0 < share < 1:
+        return False
+    import torch  # only here: table trials stay torch-free
+
+    if not torch.cuda.is_available():
+        return False
+    torch.cuda.set_per_process_memory_fraction(share)
+    return True
+
+
 def run_trial(evaluator: Evaluator, arch: str) -> dict:
     """The body of one trial's Ray task: the score, where it ran and how long it took."""
     import ray
 
     start = time.monotonic()
+    cap_gpu_memory(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
     score = float(evaluator.evaluate(arch))
     return {"score": score, "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "seconds": time.monotonic() - start}
