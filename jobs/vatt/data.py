@@ -105,8 +105,9 @@ class TripletDecoder:
 
 
 def to_tensors(sample: dict) -> dict:
-    """video (3, T, H, W) float in about [-1, 1], audio (L,) float, text (N,) long, class, misaligned flag."""
-    video = torch.from_numpy(sample["video.npy"]).permute(3, 0, 1, 2).float() / 127.5 - 1.0
+    """video (3, T, H, W) uint8 (the model scales it to [-1, 1] on the device: a quarter of the bytes in the shuffle,
+    the batch and the host-to-device copy), audio (L,) float, text (N,) long, class, misaligned flag."""
+    video = torch.from_numpy(sample["video.npy"]).permute(3, 0, 1, 2)
     return {
         "video": video,
         "audio": torch.from_numpy(sample["audio.npy"].astype(np.float32)),

@@ -47,6 +47,8 @@ class VideoPatches(nn.Module):
         self.conv = nn.Conv3d(3, cfg.d_model, kernel_size=(frames, pixels, pixels), stride=(frames, pixels, pixels))
 
     def forward(self, video_B3THW: torch.Tensor) -> torch.Tensor:
+        if video_B3THW.dtype == torch.uint8:  # clips travel as bytes (a quarter of fp32 in host memory and in the copy) and become floats here
+            video_B3THW = video_B3THW.float() / 127.5 - 1.0
         return self.conv(video_B3THW).flatten(2).transpose(1, 2)  # (B, tokens, D)
 
 
