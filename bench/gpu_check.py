@@ -1,0 +1,108 @@
+"""The GPU path, checked end to end on a machine with a GPU; the last line is one JSON object.
+
+Each check runs a job the way a lab member would (``python -m jobs.<name> --config ... overrides``, a local Ray
+started by the job) and records its exit status, wall time and the figures its log prints:
+
+- ``vatt-ddp`` / ``vatt-deepspeed`` / ``vatt-accelerate``: VATT tiny for one epoch on 1 GPU under each strategy
+  with ``run.precision=bf16`` (DeepSpeed ZeRO-2);
+- ``shared-gpu``: the shapes job with 2 workers on one GPU (``gpus_per_worker=0.5``: gloo, both on device 0);
+- ``video-ssl``: the video SSL job at the papers' clip size (16 frames at 112x112, R3D-18) on 1 GPU from a
+  synthetic .mp4 corpus: clips/s and the data-wait share of a step, with ``--loader-workers`` dataloader workers;
+- ``nas-fractional``: a live NAS search with 4 trials sharing one GPU (``gpus_per_trial=0.25``, memory capped).
+
+``--cpu`` runs the same checks with no GPU at CPU sizes (what the tests' machine can do: it proves the script,
+not the GPU path). ``--only NAME ...`` picks checks. About 8 minutes on one H200 (estimated; not yet run on one).
+
+    python bench/gpu_check.py [--cpu] [--only vatt-ddp video-ssl] [--loader-workers 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+CHECKS = ("vatt-ddp", "vatt-deepspeed", "vatt-accelerate", "shared-gpu", "video-ssl", "nas-fractional")
+
+
+def commands(name: str, root: str, cpu: bool, loader_workers: int) -> list[str]:
+    gpu = [] if cpu else ["run.gpus_per_worker=1", "run.precision=bf16"]
+    if name.startswith("vatt-"):
+        strategy = name.split("-", 1)[1]
+        return ["-m", "jobs.vatt", "--config", "jobs/vatt/configs/tiny.yaml", "synthetic.write=true", f"data.urls={root}/vatt/train/shard-{{000000..000007}}.tar",
+                f"eval.urls={root}/vatt/eval/shard-{{000000..000001}}.tar", f"run.storage_path={root}/ckpt", f"out_dir={root}/vatt-out", f"run.name={name}",
+                "run.num_workers=1", f"run.strategy={strategy}", "epochs=1", *gpu]
+    if name == "shared-gpu":
+        share = [] if cpu else ["run.gpus_per_worker=0.5"]
+        return ["-m", "jobs.shapes", "--config", "jobs/shapes/configs/demo.yaml", "synthetic.write=true", f"data.urls={root}/shapes/shard-{{000000..000007}}.tar",
+                f"run.storage_path={root}/ckpt", "run.name=shared-gpu", "run.num_workers=2", "epochs=1", *share]
+    if name == "video-ssl":
+        size = ["sampling.num_frames=4", "sampling.crop_size=28", "synthetic.frame_size=32", "synthetic.num_frames=32", "model.stem_width=16",
+                "model.widths=[16, 32]", "model.blocks=[1, 1]", "model.stem_stride=1", "model.groups=8", "objective.stages=[2]",
+                "data.batch_size=8"] if cpu else ["synthetic.frame_size=128", "synthetic.num_frames=64", "data.batch_size=32"]
+        return ["-m", "jobs.video_ssl", "--config", "jobs/video_ssl/configs/base.yaml", "synthetic.write=true", "synthetic.num_videos=512", "synthetic.eval_videos=64",
+                "synthetic.samples_per_shard=64", f"data.urls={root}/video/train/shard-{{000000..000007}}.tar", f"eval.urls={root}/video/eval/shard-{{000000..000000}}.tar",
+                f"run.storage_path={root}/ckpt", f"out_dir={root}/video-out", "run.name=video-ssl", "run.num_workers=1", f"data.num_workers={loader_workers}",
+                "objective.queue_size=256", "epochs=1", "eval.finetune_epochs=0", "sampling.eval_clips=2", "eval.probe_steps=20", *size, *([] if cpu else ["run.gpus_per_worker=1"]), *(["run.precision=fp32"] if cpu else [])]
+    if name == "nas-fractional":
+        share = ["trials.gpus_per_trial=0"] if cpu else ["trials.gpus_per_trial=0.25"]
+        return ["-m", "jobs.nas", "--config", "jobs/nas/configs/nb201_live.yaml", "evaluator.input.write_synthetic=true", f"output={root}/nas",
+                "search.methods=[random]", "search.budget=8", "trials.max_concurrent=4", *share]
+    raise ValueError(name)
+
+
+def figures(name: str, log: str) -> dict:
+    out: dict = {}
+    progress = re.findall(r"step (\d+)/(\d+) .*?\| ([\d.]+) samples/s .*?data wait (\d+)%", log)
+    if progress:
+        rates = [float(p[2]) for p in progress[1:]] or [float(progress[0][2])]
+        out["samples_per_s"] = round(sum(rates) / len(rates), 1)
+        out["data_wait_share"] = round(sum(int(p[3]) for p in progress[1:] or progress) / len(progress[1:] or progress) / 100, 3)
+        out["steps"] = int(progress[-1][0])
+    if name == "video-ssl" and "samples_per_s" in out:
+        out["clips_per_s"] = round(2 * out["samples_per_s"], 1)  # a sample is a slow and a fast clip
+    match = re.search(r"(\w+): (\d+) done, (\d+) failed", log)
+    if match:
+        out["trials_done"], out["trials_failed"] = int(match[2]), int(match[3])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu", action="store_true", help="no GPU: the same checks at CPU sizes (checks the script itself)")
+    parser.add_argument("--only", nargs="+", choices=CHECKS, default=list(CHECKS))
+    parser.add_argument("--loader-workers", type=int, default=8, help="dataloader workers of the video SSL check")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds per check")
+    args = parser.parse_args(argv)
+    if not args.cpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            print("error: no CUDA device here; run with --cpu to check the script itself", file=sys.stderr)
+            return 2
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as root:
+        env = {**os.environ, "LABTRAIN_STORAGE_ROOT": root, "RAY_AUTH_MODE": "disabled", "RAY_DEDUP_LOGS": "0"}
+        for name in args.only:
+            start = time.perf_counter()
+            try:
+                proc = subprocess.run([sys.executable, *commands(name, root, args.cpu, args.loader_workers)], env=env, capture_output=True, text=True, timeout=args.timeout)
+                rc, log = proc.returncode, proc.stdout + proc.stderr
+            except subprocess.TimeoutExpired as expired:
+                rc, log = 124, (expired.stdout or b"").decode(errors="replace") + (expired.stderr or b"").decode(errors="replace")
+            seconds = round(time.perf_counter() - start, 1)
+            results[name] = {"ok": rc == 0, "rc": rc, "seconds": seconds, **figures(name, log)}
+            if rc != 0:
+                results[name]["tail"] = log[-1500:]
+            print(f"{name}: {'ok' if rc == 0 else f'FAILED (exit {rc})'} in {seconds} s {json.dumps({k: v for k, v in results[name].items() if k not in ('tail',)})}", flush=True)
+    print(json.dumps({"device": "cpu" if args.cpu else "cuda", "loader_workers": args.loader_workers, "checks": results}))
+    return 0 if all(r["ok"] for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
