@@ -48,7 +48,8 @@ def commands(name: str, root: str, cpu: bool, loader_workers: int) -> list[str]:
         return ["-m", "jobs.video_ssl", "--config", "jobs/video_ssl/configs/base.yaml", "synthetic.write=true", "synthetic.num_videos=512", "synthetic.eval_videos=64",
                 "synthetic.samples_per_shard=64", f"data.urls={root}/video/train/shard-{{000000..000007}}.tar", f"eval.urls={root}/video/eval/shard-{{000000..000000}}.tar",
                 f"run.storage_path={root}/ckpt", f"out_dir={root}/video-out", "run.name=video-ssl", "run.num_workers=1", f"data.num_workers={loader_workers}",
-                "objective.queue_size=256", "epochs=1", "eval.finetune_epochs=0", "sampling.eval_clips=2", "eval.probe_steps=20", *size, *([] if cpu else ["run.gpus_per_worker=1"]), *(["run.precision=fp32"] if cpu else [])]
+                f"run.cpus_per_worker={1 if cpu else loader_workers}", f"run.gpus_per_worker={0 if cpu else 1}",
+                "objective.queue_size=256", "epochs=1", "eval.finetune_epochs=0", "sampling.eval_clips=2", "eval.probe_steps=20", *size, *(["run.precision=fp32"] if cpu else [])]
     if name == "nas-fractional":
         share = ["trials.gpus_per_trial=0"] if cpu else ["trials.gpus_per_trial=0.25"]
         return ["-m", "jobs.nas", "--config", "jobs/nas/configs/nb201_live.yaml", "evaluator.input.write_synthetic=true", f"output={root}/nas",
@@ -98,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             seconds = round(time.perf_counter() - start, 1)
             results[name] = {"ok": rc == 0, "rc": rc, "seconds": seconds, **figures(name, log)}
             if rc != 0:
-                results[name]["tail"] = log[-1500:]
+                lines = [line for line in log.splitlines() if "writing shards" not in line and line.strip()]  # no progress bars
+                results[name]["tail"] = "\n".join(lines[-25:])[-3000:]
             print(f"{name}: {'ok' if rc == 0 else f'FAILED (exit {rc})'} in {seconds} s {json.dumps({k: v for k, v in results[name].items() if k not in ('tail',)})}", flush=True)
     print(json.dumps({"device": "cpu" if args.cpu else "cuda", "loader_workers": args.loader_workers, "checks": results}))
     return 0 if all(r["ok"] for r in results.values()) else 1

@@ -127,7 +127,7 @@ def job_main(
     from ray.train import TrainingFailedError
 
     from labtrain.train import run
-    from labtrain.train.runner import RunStartError
+    from labtrain.train.runner import GangDoesNotFitError, RunStartError
 
     tensorboard_dir = storage.join(storage.run_dir(run_cfg), "tensorboard")
     if run_cfg.tensorboard:
@@ -145,6 +145,9 @@ def job_main(
         error = result.error
     except (TrainingFailedError, RunStartError) as raised:  # Ray Train raises a worker's failure from fit()
         error = raised
+    if isinstance(error, GangDoesNotFitError):  # refused before anything started
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if error is not None:
         print(f"error: the run failed: {_last_line(error)} (the workers' tracebacks are above)", file=sys.stderr)
         return 1
