@@ -57,11 +57,12 @@ class ModelConfig(Config):
 class ObjectiveConfig(Config):
     """What the encoder learns from. MoCo-style: a momentum key encoder and a queue of negatives per stage."""
 
-    name: Literal["vthcl", "rspnet", "infonce"] = Field(
+    name: Literal["vthcl", "rspnet", "infonce", "supervised"] = Field(
         "vthcl",
         description="'vthcl': InfoNCE between the slow and the fast clip of a video at every stage in `stages`; 'infonce': the same at the last "
         "stage only (the single-stage baseline); 'rspnet': appearance InfoNCE (same-speed and other-speed positives) plus a margin ranking "
-        "loss on relative playback speed, at the last stage.",
+        "loss on relative playback speed, at the last stage; 'supervised': cross-entropy on the training videos' labels (the experiment's "
+        "oracle arm: what the same backbone and budget reach with labels).",
     )
     stages: list[int] = Field([2, 3], min_length=1, description="Backbone stages (1-based) with a contrastive head (vthcl).")
     dim: int = Field(128, ge=8, description="Embedding width of each head.")
@@ -150,4 +151,6 @@ class VideoSSLConfig(Config):
     def head_stages(self) -> list[int]:
         """The 1-based stages whose features are contrasted."""
         last = len(self.model.widths)
+        if self.objective.name == "supervised":
+            return []
         return sorted(set(self.objective.stages)) if self.objective.name == "vthcl" else [last]

@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.video_ssl.experiment", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--objectives", nargs="+", default=["vthcl", "infonce", "rspnet"], choices=["vthcl", "infonce", "rspnet"])
+    parser.add_argument("--objectives", nargs="+", default=["vthcl", "infonce", "rspnet", "supervised"], choices=["vthcl", "infonce", "rspnet", "supervised"],
+                        help="'supervised' is the oracle arm: the same backbone and budget trained on the labels")
     parser.add_argument("--out", default=None, help="output folder (default: a new temporary folder)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)

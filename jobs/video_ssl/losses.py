@@ -80,5 +80,16 @@ def rspnet(query, key, clips, o: ObjectiveConfig) -> Output:
     return Output(loss, {name: keys_same}, signals)
 
 
-def objective(query, key, clips, o: ObjectiveConfig) -> Output:
+def supervised(query, clips, labels: torch.Tensor) -> Output:
+    """The oracle arm: cross-entropy of the slow clip's class (the labels the other objectives never see)."""
+    logits = query(clips[:, 0])["logits"]
+    loss = F.cross_entropy(logits, labels)
+    return Output(loss, {}, {"train_acc": (logits.argmax(1) == labels).float().mean()})
+
+
+def objective(query, key, clips, o: ObjectiveConfig, labels: torch.Tensor | None = None) -> Output:
+    if o.name == "supervised":
+        if labels is None or bool((labels < 0).any()):
+            raise ValueError("objective.name=supervised needs a label (.json 'label' or .cls) on every training video")
+        return supervised(query, clips, labels)
     return rspnet(query, key, clips, o) if o.name == "rspnet" else vthcl(query, key, clips, o)

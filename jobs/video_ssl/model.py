@@ -76,12 +76,15 @@ class Encoder(nn.Module):
         self.stages = cfg.head_stages
         self.heads = nn.ModuleDict({f"stage{i}": mlp(cfg.model.widths[i - 1], o.hidden, o.dim) for i in self.stages})
         self.speed_head = mlp(cfg.model.widths[-1], o.hidden, o.dim) if o.name == "rspnet" else None
+        self.classifier = nn.Linear(cfg.model.widths[-1], cfg.synthetic.num_classes) if o.name == "supervised" else None
 
     def forward(self, video_BCTHW: torch.Tensor) -> dict[str, torch.Tensor]:
         pooled = self.backbone(video_BCTHW)
         out = {name: F.normalize(head(pooled[int(name[5:]) - 1]), dim=1) for name, head in self.heads.items()}
         if self.speed_head is not None:
             out["speed"] = F.normalize(self.speed_head(pooled[-1]), dim=1)
+        if self.classifier is not None:
+            out["logits"] = self.classifier(pooled[-1])
         return out
 
 
@@ -118,7 +121,7 @@ class KeyEncoder(nn.Module):
     @torch.no_grad()
     def enqueue(self, keys: dict[str, torch.Tensor]) -> None:
         """Put this step's keys of every rank (the same on every rank) in the queues, oldest out."""
-        if self.queue_size == 0:
+        if self.queue_size == 0 or not keys:
             return
         n = next(iter(keys.values())).shape[0]
         idx = (int(self.queue_ptr) + torch.arange(n, device=self.queue_ptr.device)) % self.queue_size

@@ -56,7 +56,8 @@ def train(session: Session, cfg: VideoSSLConfig) -> None:
     while data.epoch < cfg.epochs:
         for batch in session.batches(data):
             clips = batch["clips"].to(session.device, non_blocking=True)
-            out = objective(query, key, clips, cfg.objective)
+            labels = batch["label"].to(session.device, non_blocking=True) if cfg.objective.name == "supervised" else None
+            out = objective(query, key, clips, cfg.objective, labels)
             session.backward(out.loss, model=query)
             optimizer.step()
             optimizer.zero_grad()

@@ -109,16 +109,6 @@ def test_vatt_goes_through_the_queue(ray_cluster, tmp_path):
     assert "evaluation: retrieval_r1" in out and "step 4/4 (100%)" in out
 
 
-def test_video_ssl_goes_through_the_queue(ray_cluster, tmp_path):
-    from tests.jobs.video_ssl.test_job import SMALL
-
-    _, out = _submit_follow(ray_cluster, tmp_path, [
-        "jobs/video_ssl/configs/tiny.yaml", "--job", "jobs.video_ssl", "--workers", "2", *SMALL, "epochs=1", "eval.finetune_epochs=0",
-        "data.urls=queued-video/train/shard-{000000..000003}.tar", "eval.urls=queued-video/eval/shard-{000000..000000}.tar",
-    ])
-    assert "evaluation: linear_probe" in out and "step 4/4 (100%)" in out
-
-
 def test_cluster_up_restarts_a_dead_queue_and_records_it(ray_cluster, tmp_path):
     """The queue service dies (SIGKILL); `labtrain cluster up` on the running cluster restarts only the queue,
     recorded in the state file so `down` stops it, and the CLI works against it (its new token)."""

@@ -54,10 +54,10 @@ def test_the_queue_keeps_the_newest_keys_and_the_key_encoder_follows_by_momentum
 def test_vthcl_has_a_loss_per_stage_and_rspnet_a_speed_ranking():
     torch.manual_seed(0)
     clips = torch.randn(4, 3, 3, 4, 16, 16)
-    for name, expected in (("vthcl", {"loss_stage1", "loss_stage2"}), ("infonce", {"loss_stage2"}), ("rspnet", {"loss_stage2", "loss_rank", "speed_acc"})):
+    for name, expected in (("vthcl", {"loss_stage1", "loss_stage2"}), ("infonce", {"loss_stage2"}), ("rspnet", {"loss_stage2", "loss_rank", "speed_acc"}), ("supervised", {"train_acc"})):
         cfg = cfg_with(name, stages=[1, 2])
         query = Encoder(cfg)
-        out = objective(query, KeyEncoder(query, 6, 16), clips, cfg.objective)
+        out = objective(query, KeyEncoder(query, 6, 16), clips, cfg.objective, torch.tensor([0, 1, 2, 3]))
         assert expected <= set(out.signals), name
         out.loss.backward()
         assert all(p.grad is not None for p in query.parameters()), f"{name}: every parameter of the query encoder is trained"
