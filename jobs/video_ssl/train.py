@@ -66,7 +66,7 @@ def train(session: Session, cfg: VideoSSLConfig) -> None:
                 key.momentum_update(session.unwrap(query), cfg.objective.momentum)
             key.enqueue(out.enqueue)
             step += 1
-            signals = {**out.signals, "decode_ms_per_clip": 1000 * batch["decode_s"].mean() / clips.shape[1]}
+            signals = {**out.signals, "decode_seconds_per_clip": batch["decode_s"].mean() / clips.shape[1]}
             history.append({"step": step, "loss": out.loss.detach(), **signals})  # tensors: read at the end, no sync per step
             session.log(step, loss=out.loss, **signals)
             if step % cfg.image_every == 0 or step == 1:
