@@ -146,7 +146,7 @@ class ClipSampler:
                                  "(skipped; sampling.short_clips=pad repeats its last frame instead)")
             room = max(0, num_frames - span)
             if self.evaluation:
-                start = round(i * room / max(1, len(strides) - 1)) if len(strides) > 1 else room // 2
+                start = round(i * room / (len(strides) - 1)) if len(strides) > 1 else room // 2
             else:
                 start = int(rng.integers(room + 1))
             out.append(np.minimum(start + stride * np.arange(s.num_frames), num_frames - 1))

@@ -71,12 +71,10 @@ def linear_probe(train_x, train_y, test_x, test_y, *, num_classes: int, steps: i
 
 def finetune(backbone: ResNet3d, train_clips, train_y, test_clips, test_y, *, num_classes: int, cfg: VideoSSLConfig, device) -> float:
     """End-to-end fine-tune on one random clip per video per step; test accuracy of clip-averaged logits."""
-    model = nn.Sequential()
-    model.backbone = copy.deepcopy(backbone).to(device)
-    model.fc = nn.Linear(backbone.widths[-1], num_classes).to(device)
+    model = nn.ModuleDict({"backbone": copy.deepcopy(backbone), "fc": nn.Linear(backbone.widths[-1], num_classes)}).to(device)
 
     def logits(x):
-        return model.fc(model.backbone(x)[-1])
+        return model["fc"](model["backbone"](x)[-1])
 
     generator = torch.Generator().manual_seed(cfg.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.eval.finetune_lr, weight_decay=1e-4)

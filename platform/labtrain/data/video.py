@@ -88,10 +88,10 @@ def decode_frames(data: bytes, indices: Sequence[int], *, full: bool = False) ->
     Raises VideoError if the stream is corrupt or ends before ``max(indices)``."""
     import av
 
-    wanted = sorted(set(int(i) for i in indices))
-    if not wanted or wanted[0] < 0:
+    wanted = set(int(i) for i in indices)
+    if not wanted or min(wanted) < 0:
         raise ValueError(f"frame indices must be non-negative, got {list(indices)[:8]}")
-    first, last = wanted[0], wanted[-1]
+    first, last = min(wanted), max(wanted)
     container, stream = _open(data)
     got: dict[int, np.ndarray] = {}
     with container:
@@ -113,7 +113,7 @@ def decode_frames(data: bytes, indices: Sequence[int], *, full: bool = False) ->
                     break
         except av.FFmpegError as error:
             raise VideoError(f"cannot decode the video: {error}") from error
-    missing = [i for i in wanted if i not in got]
+    missing = sorted(wanted - got.keys())
     if missing:
         raise VideoError(f"the video ended before frame {missing[0]} (decoded {len(got)} of the {len(wanted)} frames needed)")
     return np.stack([got[int(i)] for i in indices])
