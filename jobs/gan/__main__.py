@@ -1,0 +1,52 @@
+"""python -m jobs.gan --config jobs/gan/configs/tiny.yaml [corpus.write=true] [key.sub=value ...]"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from jobs.gan import data, evaluate
+from jobs.gan.config import GANConfig
+from jobs.gan.train import train
+from labtrain.config import ConfigError
+from labtrain.data import require_shards
+from labtrain.launch import job_main
+
+
+def prepare(cfg: GANConfig) -> GANConfig:
+    """Training and held-out shards must exist (or be written from the corpus on request); the FID_domain
+    extractor is trained here if its file is missing, so a run never starts without its metric."""
+    c, res = cfg.corpus, cfg.images.resolution
+    train_data = require_shards(
+        cfg.data, field="data.urls", write=c.write, write_field="corpus.write",
+        samples=lambda: data.samples(c, res, heldout=False), total=c.num_images, samples_per_shard=c.samples_per_shard, what=f"{c.kind} images",
+    )
+    eval_data = require_shards(
+        cfg.data.model_copy(update={"urls": cfg.eval.urls, "index": None}), field="eval.urls", write=c.write, write_field="corpus.write",
+        samples=lambda: data.samples(c, res, heldout=True), total=c.eval_images, samples_per_shard=c.samples_per_shard, what=f"held-out {c.kind} images",
+    )
+    cfg = cfg.model_copy(update={"data": train_data, "eval": cfg.eval.model_copy(update={"urls": eval_data.urls})})
+    try:
+        ext = evaluate.extractor(cfg)
+    except (ValueError, FileNotFoundError) as error:
+        raise ConfigError(f"eval: {error}") from error
+    print(f"metric: {ext.name} ({ext.path}; its classifier scores {ext.classifier_accuracy:.3f} on the held-out reference half)", flush=True)
+    return cfg
+
+
+def report(cfg: GANConfig, result) -> None:
+    out = cfg.out_dir
+    if "fid" in result.metrics:
+        print(f"evaluation: {evaluate.summary(result.metrics)}")
+    print(f"report: {os.path.join(out, cfg.run.name + '-eval.json')}")
+    print(f"plot: {os.path.join(out, cfg.run.name + '-eval.png')}")
+    print(f"sample grids: {os.path.join(out, cfg.run.name + '-samples-*.png')}")
+    print("metrics: each node's exporter (local cluster: http://127.0.0.1:9400/metrics and :9401), labtrain_gan_* and labtrain_train_*")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return job_main(GANConfig, train, kind="gan", prepare=prepare, report=report, num_models=2, argv=argv, description=__doc__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
