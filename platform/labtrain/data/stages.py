@@ -99,6 +99,30 @@ def take(ranges: Ranges, start: int, count: int) -> Ranges:
     return out
 
 
+def intersect(a: Ranges, b: Ranges) -> Ranges:
+    """The positions in both (each a sorted list of disjoint half-open ranges), in order."""
+    out: Ranges = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if lo < hi:
+            out.append((lo, hi))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def keep_positions(samples: Iterable[Sample], *, ranges: Ranges) -> Iterator[Sample]:
+    """Only the samples whose ``__pos__`` is in ``ranges`` (sorted, disjoint)."""
+    starts = [lo for lo, _ in ranges]
+    for sample in samples:
+        i = bisect.bisect_right(starts, sample["__pos__"]) - 1
+        if i >= 0 and sample["__pos__"] < ranges[i][1]:
+            yield sample
+
+
 def split_for_worker(ranges: Ranges, *, batch_size: int, worker: int, num_workers: int) -> Ranges:
     """This dataloader worker's contiguous share of whole batches of ``ranges`` (remainder dropped)."""
     num_batches = sum(hi - lo for lo, hi in ranges) // batch_size

@@ -2,9 +2,13 @@
 
 ``DataStream`` is what a training function iterates. It wraps a ``torch.utils.data.DataLoader`` over a
 :class:`ShardStream` (the stages of :mod:`labtrain.data.stages`, one chain per dataloader worker) and keeps
-the state that makes resume exact: the epoch and the rank positions not yet consumed. A batch counts as
-consumed when it is handed to the training loop, so a checkpoint taken after step k restores to the
-batch after k, for any number of dataloader workers (the worker split is recomputed from what remains).
+the state that makes resume exact: the epoch, the rank positions not yet consumed and the number of dataloader
+workers the epoch began with. A batch counts as consumed when it is handed to the training loop, so a
+checkpoint taken after step k restores to the batch after k. Resumed with the same number of dataloader
+workers, the rest of the epoch is the very batches the interrupted run would have made, in its order: each
+worker replays its share of the epoch through the shuffle buffer from the start (reading, not decoding, the
+samples already consumed) and drops what was consumed. With another number of workers, the rest of the epoch
+is split anew: each remaining sample once, in another order.
 """
 
 from __future__ import annotations
@@ -57,23 +61,45 @@ class ShardStream(IterableDataset):
         self.epoch = 0
         self.plan: stages.EpochPlan | None = None
         self.remaining: Ranges = []
+        self.epoch_workers: int | None = None  # the dataloader workers this epoch began with
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        cfg = self.cfg
+        cfg, plan = self.cfg, self.plan
+        left = sum(hi - lo for lo, hi in self.remaining)
+        if self.epoch_workers == num_workers:
+            # The epoch began with as many workers: replay each worker's share as the epoch began, so the
+            # batches still to come are the very ones (and in the order) the interrupted run would have made.
+            # k batches are consumed, and the loader hands batches out round-robin from worker 0: this worker
+            # plays the epoch's worker (worker + k) % num_workers, whose turn was next.
+            consumed = (plan.per_rank - left) // cfg.batch_size
+            role = (worker + consumed) % num_workers
+            share = stages.split_for_worker([(0, plan.per_rank)], batch_size=cfg.batch_size, worker=role, num_workers=num_workers)
+            seed_parts = (role, plan.per_rank)
+            # The buffer's order depends on every sample that went through it: with one, read the share from the
+            # start (the consumed samples are read again, not decoded) and drop the consumed ones after it.
+            replay = cfg.shuffle_buffer > 1
+            source: Any = stages.read_positions(share if replay else stages.intersect(share, self.remaining), plan=plan, s3_cfg=cfg.s3)
+        else:
+            # Resumed with another number of dataloader workers: the rest of the epoch is split anew, each
+            # remaining sample once, in another order.
+            seed_parts, replay = (worker, left), False
+            source = stages.read_positions(
+                stages.split_for_worker(self.remaining, batch_size=cfg.batch_size, worker=worker, num_workers=num_workers), plan=plan, s3_cfg=cfg.s3
+            )
         # The shuffle buffer holds samples as read (encoded bytes: a JPEG, an .mp4, an npy), decoding comes
         # after it: a buffer of decoded float clips would hold ~100x the bytes (VATT base: 19 MB a clip).
         chain = [
-            functools.partial(stages.read_positions, plan=self.plan, s3_cfg=cfg.s3),
-            functools.partial(stages.shuffle, buffer_size=cfg.shuffle_buffer, max_bytes=int(cfg.shuffle_buffer_mb * 2**20), seed=f"{cfg.seed}:{self.epoch}:{self.plan.rank_start}:{worker}:{sum(hi - lo for lo, hi in self.remaining)}"),
+            functools.partial(stages.shuffle, buffer_size=cfg.shuffle_buffer, max_bytes=int(cfg.shuffle_buffer_mb * 2**20),
+                              seed=f"{cfg.seed}:{self.epoch}:{plan.rank_start}:{seed_parts[0]}:{seed_parts[1]}"),
+            functools.partial(stages.keep_positions, ranges=self.remaining) if replay else None,
             functools.partial(stages.decode, decoder=self.decoder),
             functools.partial(stages.map_samples, fn=self.transform) if self.transform else None,
-            functools.partial(stages.fill_lost, donor=functools.partial(stages.donor_sample, self.plan, decoder=self.decoder, transform=self.transform, s3_cfg=cfg.s3)),
+            functools.partial(stages.fill_lost, donor=functools.partial(stages.donor_sample, plan, decoder=self.decoder, transform=self.transform, s3_cfg=cfg.s3)),
             functools.partial(stages.batch, batch_size=cfg.batch_size, collate=self.collate),
         ]
-        mine = stages.split_for_worker(self.remaining, batch_size=cfg.batch_size, worker=worker, num_workers=num_workers)
-        samples: Any = mine
+        samples: Any = source
         for stage in filter(None, chain):
             samples = stage(samples)
         return samples
@@ -113,6 +139,7 @@ class DataStream:
         )
         self.epoch = 0
         self.remaining: Ranges | None = None  # None: the whole epoch is ahead
+        self.epoch_workers: int | None = None  # the dataloader workers (0 counts as 1) this epoch began with
         self.bad_shards: set[str] = set()
         self.skipped_samples = 0
         self._plan()
@@ -138,7 +165,14 @@ class DataStream:
 
     def __iter__(self) -> Iterator[Any]:
         """This epoch's remaining batches; at the end the stream moves on to the next epoch."""
+        workers = max(self.cfg.num_workers, 1)
+        if self.remaining == [(0, self.plan.per_rank)]:
+            self.epoch_workers = workers
+        elif self.epoch_workers != workers:
+            log.info("rank %d: epoch %d began with %s dataloader workers and resumes with %d: its remaining samples come once each, in another "
+                     "order than the interrupted run's", self.rank, self.epoch, self.epoch_workers or "unknown", workers)
         self.dataset.epoch, self.dataset.plan, self.dataset.remaining = self.epoch, self.plan, list(self.remaining)
+        self.dataset.epoch_workers = self.epoch_workers
         if self.cfg.num_workers == 0:
             # In this process: a DataLoader would only walk every batch through default_convert.
             loader: Any = iter(self.dataset)
@@ -189,6 +223,7 @@ class DataStream:
             "world_size": self.world_size,
             "bad_shards": sorted(self.bad_shards),
             "skipped_samples": self.skipped_samples,
+            "epoch_workers": self.epoch_workers,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -208,4 +243,5 @@ class DataStream:
         self.remaining = [tuple(r) for r in state["remaining"]]
         self.bad_shards = set(state["bad_shards"])
         self.skipped_samples = state["skipped_samples"]
+        self.epoch_workers = state.get("epoch_workers")  # absent in checkpoints from before it was kept: not replayed
         self._plan()

@@ -14,7 +14,7 @@ from tests.conftest import ray_job_submit
 # ADA adjusting every 2 (so every state the checkpoint must carry changes inside the run).
 SMALL = ["corpus.num_images=32", "corpus.eval_images=200", "corpus.samples_per_shard=16", "model.z_dim=16", "model.w_dim=16", "model.g_channels=32",
          "model.d_channels=32", "model.min_channels=8", "insgen.enabled=true", "insgen.dim=16", "loss.r1_every=4", "ada.interval=2", "ada.kimg=0.2",
-         "data.batch_size=8", "data.shuffle_buffer=0", "eval.every=6", "eval.num_generated=64", "eval.extractor_steps=30", "eval.kid_subsets=10",
+         "data.batch_size=8", "data.shuffle_buffer=16", "eval.every=6", "eval.num_generated=64", "eval.extractor_steps=30", "eval.kid_subsets=10",
          "eval.kid_subset_size=50", "epochs=6", "checkpoint_every=3", "run.log_every=2", "corpus.write=true"]
 
 
@@ -28,7 +28,8 @@ def test_a_killed_worker_resumes_and_the_run_continues_exactly(ray_cluster, tmp_
     """The reference run goes through the lab queue; the same run through `ray job submit`, with rank 1
     SIGKILLed at step 10, restarts from its checkpoint and must produce the same losses at every step and the
     same final FID_domain: G, D, G_ema, D_ema, both heads and their momentum copies, the four optimizers, the
-    queues, ADA's p and its running r_t, the RNG and the data position all come back."""
+    queues, ADA's p and its running r_t, the RNG and the data position all come back, and the shuffle buffer's
+    order is replayed (the data path re-reads the epoch's consumed samples through it)."""
     from tests.train.test_submit import _submit_follow
 
     reference, out = _submit_follow(ray_cluster, tmp_path, ["jobs/gan/configs/tiny.yaml", "--job", "jobs.gan", "--workers", "2", *small(tmp_path)])

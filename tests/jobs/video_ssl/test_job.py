@@ -12,7 +12,7 @@ from tests.conftest import ray_job_submit
 # 64 videos of 16 frames at 16x16, 4-frame 12x12 clips, batch 8 on each of 2 workers: 4 steps an epoch.
 SMALL = ["synthetic.num_videos=64", "synthetic.eval_videos=16", "synthetic.samples_per_shard=16", "synthetic.num_frames=16", "synthetic.frame_size=16",
          "sampling.num_frames=4", "sampling.crop_size=12", "model.stem_width=8", "model.widths=[8, 16]", "model.blocks=[1, 1]",
-         "objective.stages=[1, 2]", "objective.queue_size=32", "objective.dim=16", "objective.hidden=32", "data.batch_size=8", "data.shuffle_buffer=0",
+         "objective.stages=[1, 2]", "objective.queue_size=32", "objective.dim=16", "objective.hidden=32", "data.batch_size=8", "data.shuffle_buffer=16",
          "eval.probe_steps=10", "eval.finetune_epochs=1", "eval.batch_size=8", "epochs=3", "checkpoint_every=3", "run.log_every=2", "synthetic.write=true"]
 
 
@@ -26,9 +26,8 @@ def test_a_killed_worker_resumes_and_the_run_continues_exactly(ray_cluster, tmp_
     """Both entry points on the 2-node cluster. The reference run goes through the lab queue; the same run
     through `ray job submit`, with rank 1 SIGKILLed at step 10 (run.kill_worker_at_step), restarts from its
     checkpoint and must produce the same loss at every step: the queue of negatives, the key encoder, the data
-    position and the clips cut all come back. Without a shuffle buffer (data.shuffle_buffer=0): a buffer's
-    contents are not in the checkpoint, so with one a resumed run sees each remaining sample once but in another
-    order (what tests/train/test_runner.py checks), and its losses differ from the step after the resume."""
+    position and the clips cut all come back, with a shuffle buffer: the data path replays the epoch's consumed
+    samples through it, so the resumed batches are the very ones the uninterrupted run made."""
     from tests.train.test_submit import _submit_follow
 
     reference, out = _submit_follow(ray_cluster, tmp_path, ["jobs/video_ssl/configs/tiny.yaml", "--job", "jobs.video_ssl", "--workers", "2", *small(tmp_path)])
