@@ -140,7 +140,7 @@ class Phases:
                 e.copy_(b)
         if self.insgen:
             self.state.momentum_update(D_plain, self.unwrap(self.real_head), self.unwrap(self.fake_head), ins.momentum)
-        signals.update(loss_g=loss_G.detach(), loss_d=loss_D.detach(), real_score=real_logits.detach().mean(),
+        signals.update(loss_generator=loss_G.detach(), loss_discriminator=loss_D.detach(), real_score=real_logits.detach().mean(),
                        fake_score=fake_logits.detach().mean(), ada_rt=ada.r_t.clone())  # r_t of the window so far
         ada.maybe_adjust(step)
         signals["ada_p"] = ada.p.clone()
@@ -174,7 +174,7 @@ def train(session: Session, cfg: GANConfig) -> None:
             train_s += time.perf_counter() - started  # the steps' host time (the losses are read later)
             if step % cfg.eval.every == 0 or step == total_steps:
                 latest_eval = _evaluate(session, cfg, scorer, phases.G_ema, step, evaluations)
-            session.log(step, loss=signals["loss_g"] + signals["loss_d"], **signals, **latest_eval)
+            session.log(step, loss=signals["loss_generator"] + signals["loss_discriminator"], **signals, **latest_eval)
             if step % cfg.checkpoint_every == 0:
                 history = _plain(history)
                 session.checkpoint(step, data, extra={"history": history, "evaluations": evaluations, "resumed_from": resumed_from, "train_s": train_s})

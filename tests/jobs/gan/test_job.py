@@ -50,6 +50,6 @@ def test_a_killed_worker_resumes_and_the_run_continues_exactly(ray_cluster, tmp_
     assert got["metric"] == want["metric"], "both runs scored with the same extractor (its hash in the name)"
     assert [h["step"] for h in got["history"]] == list(range(1, 13))
     for a, b in zip(got["history"], want["history"]):
-        for key in ("loss_g", "loss_d", "loss_real_id", "loss_fake_id", "loss_g_diversity", "ada_p", "fake_score"):
+        for key in ("loss_generator", "loss_discriminator", "loss_real_id", "loss_fake_id", "loss_g_diversity", "ada_p", "fake_score"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), f"step {a['step']} {key}"
     assert got["fid"] == pytest.approx(want["fid"], rel=1e-5) and got["kid"] == pytest.approx(want["kid"], rel=1e-4, abs=1e-6)

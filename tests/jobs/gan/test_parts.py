@@ -149,6 +149,25 @@ def test_insgen_queues_wrap_and_info_nce_prefers_the_key():
     assert info_nce(q, q, orthogonal, 0.2) < info_nce(q, -q, orthogonal, 0.2)
 
 
+def test_every_signal_of_a_training_step_is_a_metric_name_promtool_accepts():
+    """What `session.log` exports as labtrain_gan_<signal> gauges (promtool read `loss_d` as an abbreviated unit)."""
+    from prometheus_client import CollectorRegistry, Gauge, generate_latest
+
+    from jobs.gan.train import Phases, build
+    from labtrain.train.logger import _metric_name
+    from tests.test_metrics import promtool_check
+
+    cfg = load_config(GANConfig, "jobs/gan/configs/tiny.yaml", ["insgen.enabled=true", "loss.r1_every=1", "model.g_channels=16", "model.d_channels=16"])
+    phases = Phases(cfg, build(cfg, num_images=100, global_batch=16), backward=lambda loss, model: loss.backward(), unwrap=lambda m: m,
+                    device=torch.device("cpu"), global_batch=16)
+    signals = phases(torch.rand(16, 3, 16, 16) * 2 - 1, 0)
+    assert {"loss_generator", "loss_discriminator", "r1", "ada_p", "loss_real_id", "loss_fake_id", "loss_g_diversity"} <= set(signals)
+    registry = CollectorRegistry()
+    for name in [*signals, "fid_domain", "fid_inception", "kid", "mode_coverage"]:
+        Gauge(_metric_name("gan", name), f"gan job: {name} (session.log).", ["job"], registry=registry).labels("x").set(1.0)
+    promtool_check(generate_latest(registry).decode())
+
+
 def test_the_config_refuses_what_the_gan_job_cannot_run(tmp_path):
     base = {"data": {"urls": "x/shard-000000.tar", "batch_size": 16}, "eval": {"urls": "y/shard-000000.tar"}}
     GANConfig(**base)
