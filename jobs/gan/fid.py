@@ -48,7 +48,18 @@ class DomainClassifier(nn.Module):
 
 
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, *, steps: int, seed: int = 0, batch_size: int = 128) -> DomainClassifier:
-    """A classifier of uint8 ``images`` (N, 3, H, W), trained with random translations by up to 2 pixels."""
+    """A classifier of uint8 ``images`` (N, 3, H, W), trained with random translations by up to 2 pixels, on
+    the CPU with one thread: the same weights (the same hash) in a shell, a Ray job or a worker, whatever
+    thread count the process has (a multithreaded reduction sums in another order)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train_classifier(images, labels, steps=steps, seed=seed, batch_size=batch_size)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_classifier(images: torch.Tensor, labels: torch.Tensor, *, steps: int, seed: int, batch_size: int) -> DomainClassifier:
     gen = torch.Generator().manual_seed(seed)
     torch_state = torch.get_rng_state()
     torch.manual_seed(seed)

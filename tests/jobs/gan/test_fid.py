@@ -80,6 +80,22 @@ def test_a_saved_extractor_is_loaded_not_retrained(setup, tmp_path):
     assert again.sha256 == ext.sha256  # one step of training would have given other weights
 
 
+def test_the_extractor_has_the_same_weights_whatever_the_thread_count():
+    """A shell has 2 threads, a Ray job 1: the extractor (and so its hash) must not depend on it."""
+    images, labels = data.shapes(300, 16, 10, seed=15)
+    x, y = fid.as_tensor(images), torch.from_numpy(labels)
+    before = torch.get_num_threads()
+    states = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            states.append(fid.train_classifier(x, y, steps=15).state_dict())
+    finally:
+        torch.set_num_threads(before)
+    assert torch.get_num_threads() == before
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
 def test_inception_weights_that_are_not_there_are_refused_with_the_path(setup, tmp_path):
     ext, *_ = setup
     missing = str(tmp_path / "pt_inception-2015-12-05.pth")
