@@ -81,11 +81,3 @@ class AdaState(nn.Module):
     @property
     def r_t(self) -> torch.Tensor:
         return self.signs[0] / self.signs[1].clamp(min=1)
-
-
-def ema_beta(cfg_kimg: float | None, rampup: float | None, batch: int, images_seen: int) -> float:
-    """G EMA decay per step (StyleGAN2-ADA): half-life ema_kimg (auto: batch * 10/32), ramped up to 5% of the images seen."""
-    ema_nimg = (cfg_kimg if cfg_kimg is not None else batch * 10 / 32) * 1000
-    if rampup is not None:
-        ema_nimg = min(ema_nimg, images_seen * rampup)
-    return 0.5 ** (batch / max(ema_nimg, 1e-8)) if ema_nimg > 0 else 0.0

@@ -37,7 +37,6 @@ class ModelConfig(Config):
     noise inputs from a learned 4x4 constant, skip-connected toRGB; a residual discriminator with minibatch
     standard deviation. Every layer has an equalised learning rate."""
 
-    arch: Literal["stylegan2"] = Field("stylegan2", description="The architecture (pix2pixHD is not built yet).")
     z_dim: int = Field(64, ge=2, description="Latent z width (paper: 512).")
     w_dim: int = Field(64, ge=2, description="Intermediate latent w width (paper: 512).")
     mapping_layers: int = Field(2, ge=1, description="Mapping network depth (paper: 8; ADA's auto config: 2).")
@@ -119,7 +118,6 @@ class GANConfig(Config):
     insgen: InsGenConfig = Field(default_factory=InsGenConfig, description="InsGen's instance discrimination.")
     eval: EvalConfig = Field(description="FID_domain, KID and mode coverage.")
     run: RunConfig = Field(default_factory=RunConfig, description="Workers, strategy, checkpoints.")
-    mode: Literal["train"] = Field("train", description="'train' (GenDA's one-shot adaptation is not built yet).")
     epochs: int = Field(200, ge=1, description="Passes over the training images.")
     seed: int = Field(0, description="Seed of the initial weights (the same on every rank) and of the evaluation latents.")
     checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints.")

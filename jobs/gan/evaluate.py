@@ -53,21 +53,20 @@ def scorer(cfg: GANConfig) -> fid.Scorer:
     e = cfg.eval
     with torch.random.fork_rng(devices=[]):
         ext = extractor(cfg, images, labels)
-        out = fid.Scorer(ext, images[len(images) // 2:], kid_subsets=e.kid_subsets, kid_subset_size=e.kid_subset_size,
-                         coverage_min_share=e.coverage_min_share, quality_threshold=e.quality_threshold)
-    out.floor_images = images[: min(len(images) // 2, e.num_generated)]  # real images at (up to) the generated N: the noise floor
-    return out
+        # the noise floor: real images of the extractor's half at (up to) the generated N
+        return fid.Scorer(ext, images[len(images) // 2:], floor=images[: min(len(images) // 2, e.num_generated)], kid_subsets=e.kid_subsets,
+                          kid_subset_size=e.kid_subset_size, coverage_min_share=e.coverage_min_share, quality_threshold=e.quality_threshold)
 
 
 @torch.no_grad()
-def generate(G: torch.nn.Module, count: int, device, *, seed: int = EVAL_SEED, batch_size: int = 250, truncation: float = 1.0) -> torch.Tensor:
+def generate(G: torch.nn.Module, count: int, device, *, seed: int = EVAL_SEED, batch_size: int = 250) -> torch.Tensor:
     """``count`` uint8 images from fixed latents and noise; the training RNG is left as it was."""
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         was = G.training
         G.eval()
-        out = [to_uint8(G(torch.randn(min(batch_size, count - i), G.z_dim, device=device), truncation=truncation)) for i in range(0, count, batch_size)]
+        out = [to_uint8(G(torch.randn(min(batch_size, count - i), G.z_dim, device=device))) for i in range(0, count, batch_size)]
         G.train(was)
     return torch.cat(out)
 

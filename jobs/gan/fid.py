@@ -103,7 +103,6 @@ def domain_extractor(images: torch.Tensor, labels: torch.Tensor, path: str, *, s
     """Load the classifier at ``path`` or train it on the first half of the held-out ``images`` (and write it
     there); its accuracy is measured on the second half."""
     half = len(images) // 2
-    classifier = None
     if os.path.exists(path):
         state = torch.load(path, map_location="cpu", weights_only=True)
         classifier = DomainClassifier(state["classifier.weight"].shape[0])
@@ -135,7 +134,7 @@ def inception_extractor(weights: str, classifier: Extractor) -> Extractor:
 class Scorer:
     """FID and KID of generated images against a fixed reference set, plus mode coverage and quality."""
 
-    def __init__(self, extractor: Extractor, reference: torch.Tensor, *, kid_subsets: int, kid_subset_size: int,
+    def __init__(self, extractor: Extractor, reference: torch.Tensor, *, floor: torch.Tensor | None = None, kid_subsets: int, kid_subset_size: int,
                  coverage_min_share: float, quality_threshold: float, batch_size: int = 250):
         from torchmetrics.image.fid import FrechetInceptionDistance
         from torchmetrics.image.kid import KernelInceptionDistance
@@ -145,7 +144,7 @@ class Scorer:
         self.kid_subsets, self.kid_subset_size = kid_subsets, kid_subset_size
         self.coverage_min_share, self.quality_threshold = coverage_min_share, quality_threshold
         self.num_reference = len(reference)
-        self.floor_images: torch.Tensor | None = None  # real images at the generated N, scored as the noise floor
+        self.floor_images = floor  # real images at the generated N, scored as the noise floor
         # sync_on_compute=False: one process scores (rank 0 of a run); torchmetrics would otherwise gather the
         # states over the run's process group, and wait forever for ranks that are not scoring
         self.fid = FrechetInceptionDistance(feature=extractor.features, reset_real_features=False, sync_on_compute=False)

@@ -2,7 +2,7 @@
 
 G: z -> mapping MLP (equalised lr x ``mapping_lr_mul``) -> w; synthesis from a learned 4x4 constant, two
 modulated 3x3 convolutions (weight demodulation) with per-pixel noise per resolution, skip-connected toRGB
-(modulated 1x1, no demodulation). ``w_avg`` tracks the mean w (truncation). D: fromRGB, residual blocks that
+(modulated 1x1, no demodulation). D: fromRGB, residual blocks that
 halve the resolution, minibatch standard deviation, a 3x3 convolution at 4x4 whose map is InsGen's features,
 and a linear head to one logit. Every weight is stored at unit variance and scaled at run time (equalised
 learning rate).
@@ -128,7 +128,6 @@ class Generator(nn.Module):
             self.layers.append(StyleLayer(ch[res], ch[res], cfg.w_dim))
             self.to_rgbs.append(ToRGB(ch[res], cfg.w_dim))
         self.num_ws = len(self.layers) + 1  # one w per layer, the last toRGB's too
-        self.register_buffer("w_avg", torch.zeros(cfg.w_dim))
 
     def map(self, z: torch.Tensor) -> torch.Tensor:
         z = z * torch.rsqrt(z.square().mean(1, keepdim=True) + 1e-8)  # 2nd-moment normalisation
@@ -145,13 +144,8 @@ class Generator(nn.Module):
             rgb = self.to_rgbs[i](x, ws[:, 2 * i + 1], rgb)
         return rgb
 
-    def forward(self, z: torch.Tensor, *, truncation: float = 1.0, mixing: float = 0.0, track_w_avg: bool = False) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, *, mixing: float = 0.0) -> torch.Tensor:
         w = self.map(z)
-        if track_w_avg:
-            with torch.no_grad():
-                self.w_avg.lerp_(w.detach().mean(0), 0.005)  # w_avg_beta 0.995
-        if truncation != 1.0:
-            w = self.w_avg.lerp(w, truncation)
         ws = w[:, None].repeat(1, self.num_ws, 1)
         if mixing > 0:  # style mixing: from a random layer on, the ws of a second latent
             w2 = self.map(torch.randn_like(z))

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from jobs.gan import evaluate
-from jobs.gan.augment import AdaState, augment, ema_beta
+from jobs.gan.augment import AdaState, augment
 from jobs.gan.config import GANConfig
 from jobs.gan.data import ImageDecoder
 from jobs.gan.losses import InsGenState, d_loss, g_loss, info_nce, r1_penalty
@@ -30,6 +30,14 @@ def adam(params, lr: float, reg_interval: int | None = None) -> torch.optim.Adam
     """Adam (0, 0.99), eps 1e-8; for a lazily regularised network lr x c and betas ^ c with c = I/(I+1)."""
     c = reg_interval / (reg_interval + 1) if reg_interval else 1.0
     return torch.optim.Adam(params, lr=lr * c, betas=(0.0, 0.99**c), eps=1e-8)
+
+
+def ema_beta(cfg_kimg: float | None, rampup: float | None, batch: int, images_seen: int) -> float:
+    """G EMA decay per step (StyleGAN2-ADA): half-life ema_kimg (auto: batch * 10/32), ramped up to 5% of the images seen."""
+    ema_nimg = (cfg_kimg if cfg_kimg is not None else batch * 10 / 32) * 1000
+    if rampup is not None:
+        ema_nimg = min(ema_nimg, images_seen * rampup)
+    return 0.5 ** (batch / max(ema_nimg, 1e-8)) if ema_nimg > 0 else 0.0
 
 
 def build(cfg: GANConfig, num_images: int, global_batch: int) -> list[tuple]:

@@ -13,10 +13,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from jobs.gan import data
-from jobs.gan.augment import AdaState, augment, ema_beta
+from jobs.gan.augment import AdaState, augment
 from jobs.gan.config import AdaConfig, GANConfig, ImagesConfig, ModelConfig
 from jobs.gan.losses import InsGenState, info_nce, r1_penalty
 from jobs.gan.model import Discriminator, Generator, Head, ModulatedConv
+from jobs.gan.train import ema_beta
 from labtrain.config import ConfigError, load_config
 
 
