@@ -23,6 +23,7 @@ class ModelConfig(Config):
     audio_samples: int = Field(1024, ge=8, description="Raw waveform samples per clip.")
     audio_patch: int = Field(64, ge=1, description="Waveform samples per audio token (Base: 128).")
     text_len: int = Field(8, ge=1, description="Words per text (Base: 16).")
+    text_candidates: int = Field(3, ge=1, description="Candidate texts per clip, the bag MIL-NCE takes the best of (VATT pairs a clip with its neighbouring narrations).")
     vocab_size: int = Field(256, ge=2, description="Word ids 0..vocab_size-1; 0 is padding (Base: 2**16).")
     word_dim: int = Field(32, ge=1, description="Frozen word-embedding width (Base: 300).")
     drop_token: float = Field(0.5, ge=0, lt=1, description="Share of video and audio tokens dropped in training (DropToken).")
@@ -30,6 +31,7 @@ class ModelConfig(Config):
     va_dim: int = Field(64, ge=8, description="Video-audio common space (Base: 512).")
     vat_dim: int = Field(32, ge=8, description="Video-audio-text common space (Base: 256).")
     temperature: float = Field(0.07, gt=0, description="NCE temperature.")
+    head_norm: Literal["batch_detached", "layer", "batch"] = Field("batch_detached", description="Normalization in the common-space heads: 'batch' is VATT's (its backward mixes a batch's samples, so per-sample gradients are not the samples' own); 'batch_detached' normalizes the same way with the batch statistics held constant in the backward pass, and 'layer' per sample: both keep samples apart.")
 
     @model_validator(mode="after")
     def _sizes_fit(self) -> "ModelConfig":
@@ -61,14 +63,25 @@ class HarmonizeConfig(Config):
     """Cross-modality gradient harmonization (arXiv 2211.02077), each part switchable."""
 
     realign: bool = Field(True, description="Project the video-audio and video-text per-sample gradients when they conflict (cosine < 0), PCGrad-style.")
-    curriculum: Literal["none", "hard", "soft"] = Field("hard", description="Which triplets train: 'hard' keeps cosine >= gamma(t); 'soft' weighs by sigmoid(kappa * cosine).")
-    gamma_start: float = Field(0.0, ge=-1, le=1, description="Hard curriculum threshold at step 0 (0: conflicting triplets are dropped).")
-    anneal_fraction: float = Field(0.4, gt=0, le=1, description="Share of training over which the threshold falls linearly to -1 (all kept).")
-    kappa: float = Field(5.0, gt=0, description="Soft curriculum sharpness.")
+    curriculum: Literal["none", "share", "hard", "soft"] = Field("share", description="Which pairs train. 'share': plain for warmup_fraction of training, then each batch drops its drop_share lowest-scoring, then keeps everything from drop_until on; 'hard' keeps cosine >= gamma(t); 'soft' weighs by sigmoid(kappa * cosine).")
+    score: Literal["cosine", "loss", "random", "oracle"] = Field("cosine", description="What ranks a batch for the 'share' curriculum: the conflict score (cosine of the per-sample gradients), the per-pair loss (high is dropped), a random draw at the same rate, or the planted swap flags (drops exactly the corrupted pairs, all through training: the perfect curriculum).")
+    target: Literal["pooled", "last_block"] = Field("pooled", description="What the per-sample gradients are taken with respect to (the conflict score and the realignment): the pooled video feature both losses read, or the video tokens entering the shared backbone's last block (one more block in the two small backward passes).")
+    unit: Literal["pair", "triplet"] = Field("pair", description="What a drop removes: 'triplet' both of its pairs; 'pair' one pair (for the cosine score: the pair of a low-scoring triplet whose loss stands out more from its batch).")
+    warmup_fraction: float = Field(0.2, ge=0, le=1, description="'share': share of training with no dropping (the scores mean nothing before the model fits).")
+    drop_share: float = Field(0.3, ge=0, lt=1, description="'share': share of each batch's triplets (or pairs' worth) dropped in the dropping window.")
+    drop_until: float = Field(0.8, ge=0, le=1, description="'share': share of training after which everything is kept again (1: drop to the end).")
+    gamma_start: float = Field(0.0, ge=-1, le=1, description="'hard': threshold at step 0 (0: conflicting triplets are dropped).")
+    anneal_fraction: float = Field(0.4, gt=0, le=1, description="'hard': share of training over which the threshold falls linearly to -1 (all kept).")
+    kappa: float = Field(5.0, gt=0, description="'soft': sharpness.")
 
     @property
     def enabled(self) -> bool:
         return self.realign or self.curriculum != "none"
+
+    @property
+    def needs_cosine(self) -> bool:
+        """Whether a step must compute the per-sample gradients for this setting."""
+        return self.realign or self.curriculum in ("hard", "soft") or (self.curriculum == "share" and self.score == "cosine")
 
 
 class SyntheticConfig(Config):
@@ -78,10 +91,18 @@ class SyntheticConfig(Config):
     num_samples: int = Field(2048, ge=16, description="Triplets to write.")
     samples_per_shard: int = Field(256, ge=1, description="Triplets per shard.")
     num_classes: int = Field(8, ge=2, description="Latent classes.")
-    num_styles: int = Field(4, ge=1, description="Latent styles (shared by video and audio, not text).")
-    misaligned: float = Field(0.3, ge=0, le=1, description="Share of triplets whose text or audio is swapped with another triplet's.")
+    num_styles: int = Field(4, ge=1, description="Latent styles (a colour and a motion in the video, an overtone in the audio, words in the text).")
+    misaligned: float = Field(0.3, ge=0, le=1, description="Share of video-text pairs whose texts are swapped with another group's, and, drawn independently, of video-audio pairs whose audio is.")
     noise: float = Field(0.5, ge=0, description="Std of the per-modality noise.")
-    seed: int = Field(0, description="Seed of the corpus (the same seed gives the same class-to-signal maps).")
+    style_strength: float = Field(1.0, ge=0, le=1.25, description="How strongly the style marks video and audio: the colour's saturation (x 0.8), the flicker's depth (x 0.4), the overtone's amplitude.")
+    text_mix: tuple[float, float, float] = Field((0.45, 0.35, 0.2), description="Shares of a text's words drawn from its class's words, its style's words and common words.")
+    seed: int = Field(0, description="Seed of the corpus (the same seed gives the same class-to-signal maps and, at any misaligned share, the same clips).")
+
+    @model_validator(mode="after")
+    def _mix_sums_to_one(self) -> "SyntheticConfig":
+        if abs(sum(self.text_mix) - 1) > 1e-6 or min(self.text_mix) < 0:
+            raise ValueError(f"synthetic.text_mix {list(self.text_mix)} must be three non-negative shares that sum to 1")
+        return self
 
 
 class EvalConfig(Config):

@@ -9,9 +9,11 @@ other samples' embeddings held constant), come from ``autograd.grad`` calls thro
 never B backward passes. Their cosine c_i is the conflict score.
 - realignment (PCGrad): where c_i < 0 each gradient loses its component along the other, and the backbone
   receives g_va,i' + g_vt,i' for sample i;
-- curriculum: 'hard' keeps sample i while c_i >= gamma(t), gamma falling linearly from gamma_start to -1
-  over the first ``anneal_fraction`` of training; 'soft' weighs it by sigmoid(kappa * c_i). Loss and
-  gradients are renormalized by the kept weight.
+- curriculum: 'share' trains plainly for a warm-up, then drops each batch's lowest-scoring share (by the
+  cosine, the per-pair loss, a random draw, or, as the oracle, the planted flags), then keeps everything;
+  'hard' keeps sample i while c_i >= gamma(t), gamma falling linearly from gamma_start to -1 over the first
+  ``anneal_fraction`` of training; 'soft' weighs it by sigmoid(kappa * c_i). Weights are per pair (video-audio,
+  video-text), and each loss is renormalized by its kept weight.
 Realignment reaches the backbone through a term whose value is zero, so every strategy (DDP, DeepSpeed,
 Accelerate) still takes one scalar loss and runs one backward pass.
 """
@@ -81,16 +83,18 @@ def symmetric_nce(a_BND: torch.Tensor, b_BMD: torch.Tensor, temperature: float, 
     return one_way(a, b_all, b) + one_way(b, a_all, a)
 
 
-def cosine_rows(x_BD: torch.Tensor, y_BD: torch.Tensor) -> torch.Tensor:
-    return F.cosine_similarity(x_BD, y_BD, dim=1, eps=1e-12)
+def cosine_rows(x_B: torch.Tensor, y_B: torch.Tensor) -> torch.Tensor:
+    return F.cosine_similarity(x_B.flatten(1), y_B.flatten(1), dim=1, eps=1e-12)
 
 
 def realign(g_va: torch.Tensor, g_vt: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
     """PCGrad on each sample's pair: project conflicting gradients, using the original vectors."""
+    shape = g_va.shape
+    g_va, g_vt = g_va.flatten(1), g_vt.flatten(1)
     dot = (g_va * g_vt).sum(1, keepdim=True)
     va = g_va - dot / g_vt.pow(2).sum(1, keepdim=True).clamp_min(1e-20) * g_vt
     vt = g_vt - dot / g_va.pow(2).sum(1, keepdim=True).clamp_min(1e-20) * g_va
-    return torch.where((cos < 0).unsqueeze(1), va + vt, g_va + g_vt)
+    return torch.where((cos < 0).unsqueeze(1), va + vt, g_va + g_vt).view(shape)
 
 
 def curriculum_threshold(cfg: HarmonizeConfig, step: int, total_steps: int) -> float:
@@ -98,12 +102,60 @@ def curriculum_threshold(cfg: HarmonizeConfig, step: int, total_steps: int) -> f
     return cfg.gamma_start + (-1.0 - cfg.gamma_start) * progress
 
 
-def sample_weights(cfg: HarmonizeConfig, cos: torch.Tensor, step: int, total_steps: int) -> torch.Tensor:
+def dropping(cfg: HarmonizeConfig, step: int, total_steps: int) -> bool:
+    """Whether the 'share' curriculum drops at this step (after its warm-up, before drop_until)."""
+    return cfg.warmup_fraction * total_steps <= step < cfg.drop_until * total_steps
+
+
+def curriculum_active(cfg: HarmonizeConfig, step: int, total_steps: int) -> bool:
+    """Whether the curriculum may drop anything at this step (where its dropped set is scored against the base rate)."""
+    if cfg.curriculum == "none":
+        return False
+    return cfg.curriculum != "share" or cfg.score == "oracle" or dropping(cfg, step, total_steps)
+
+
+def _zscore(x: torch.Tensor) -> torch.Tensor:
+    return (x - x.mean()) / x.std().clamp_min(1e-6) if len(x) > 1 else torch.zeros_like(x)
+
+
+def pair_weights(cfg: HarmonizeConfig, *, step: int, total_steps: int, cos: torch.Tensor | None, l_va: torch.Tensor, l_vt: torch.Tensor,
+                 text_swapped: torch.Tensor | None = None, audio_swapped: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The curriculum's weight of each sample's video-audio and video-text pair, (B,) each.
+
+    'share' drops n = round(drop_share * B) pairs' worth per batch: with ``unit: triplet`` the n triplets ranked
+    worst (lowest cosine, highest summed loss z-score, or a random draw), both pairs each; with ``unit: pair``
+    n pairs (cosine: of the n lowest-cosine triplets, the pair whose loss z-score is higher; loss: the n highest
+    z-scores of all 2B pairs; random: n of the 2B). The 'oracle' score drops exactly the planted swapped pairs
+    at every step."""
+    ones = torch.ones_like(l_va)
     if cfg.curriculum == "hard":
-        return (cos >= curriculum_threshold(cfg, step, total_steps)).float()
+        w = (cos >= curriculum_threshold(cfg, step, total_steps)).float()
+        return w, w
     if cfg.curriculum == "soft":
-        return torch.sigmoid(cfg.kappa * cos)
-    return torch.ones_like(cos)
+        w = torch.sigmoid(cfg.kappa * cos)
+        return w, w
+    if cfg.curriculum == "none":
+        return ones, ones
+    if cfg.score == "oracle":
+        if text_swapped is None or audio_swapped is None:
+            raise ValueError("harmonize.score=oracle needs the planted swap flags (text_swapped, audio_swapped) of the batch")
+        return 1.0 - audio_swapped.float(), 1.0 - text_swapped.float()
+    B = len(l_va)
+    n = round(cfg.drop_share * B)
+    if n == 0 or not dropping(cfg, step, total_steps):
+        return ones, ones
+    z_va, z_vt = _zscore(l_va.detach()), _zscore(l_vt.detach())
+    w = torch.ones(2, B, device=l_va.device)  # rows: va, vt
+    if cfg.unit == "triplet":
+        badness = {"cosine": -cos if cos is not None else None, "loss": z_va + z_vt, "random": torch.rand(B, device=l_va.device)}[cfg.score]
+        w[:, badness.topk(n).indices] = 0
+    elif cfg.score == "cosine":
+        worst = (-cos).topk(n).indices
+        w[(z_vt[worst] > z_va[worst]).long(), worst] = 0
+    else:
+        badness = torch.cat([z_va, z_vt]) if cfg.score == "loss" else torch.rand(2 * B, device=l_va.device)
+        w.view(-1)[badness.topk(n).indices] = 0
+    return w[0], w[1]
 
 
 @dataclass
@@ -111,7 +163,13 @@ class StepStats:
     loss_va: float
     loss_vt: float
     cos: torch.Tensor | None = None  # (B,) conflict scores, when measured
-    kept: float = 1.0
+    losses: torch.Tensor | None = None  # (B,) each triplet's l_va + l_vt, detached
+    w_va: torch.Tensor | None = None  # (B,) the curriculum's pair weights
+    w_vt: torch.Tensor | None = None
+
+    @property
+    def kept(self) -> float:
+        return float((self.w_va.mean() + self.w_vt.mean()) / 2) if self.w_va is not None else 1.0
 
     @property
     def conflict_rate(self) -> float:
@@ -122,43 +180,56 @@ class StepStats:
         return float(self.cos.mean()) if self.cos is not None else float("nan")
 
 
-def per_sample_gradients(emb: Embeddings, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each sample's own gradient of each loss w.r.t. its row of Z (stop-gradient negatives), (B, D) each.
-    Two ``autograd.grad`` calls through the heads only: Z is an intermediate tensor, nothing below it runs."""
-    Z = emb.video_BD
-    own_va = symmetric_nce(emb.video_va.unsqueeze(1), emb.audio_va.unsqueeze(1), temperature, own_only=True).mean()
-    own_vt = symmetric_nce(emb.video_vat.unsqueeze(1), emb.text_vat.unsqueeze(1), temperature, own_only=True).mean()
+def bag(x: torch.Tensor) -> torch.Tensor:
+    """(B, D) -> (B, 1, D): one candidate; (B, K, D) stays."""
+    return x if x.dim() == 3 else x.unsqueeze(1)
+
+
+def target_of(emb: Embeddings, target: str = "pooled") -> torch.Tensor:
+    """The shared representation Z the per-sample gradients are taken with respect to: (B, D) or (B, S, D)."""
+    return emb.video_BD if target == "pooled" else emb.video_tokens_BSD
+
+
+def per_sample_gradients(emb: Embeddings, temperature: float, target: str = "pooled") -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sample's own gradient of each loss w.r.t. its row of Z (stop-gradient negatives), shaped as Z.
+    Two ``autograd.grad`` calls through the heads (and, for the last-block target, that block) only: Z is an
+    intermediate tensor, nothing below it runs."""
+    Z = target_of(emb, target)
+    own_va = symmetric_nce(bag(emb.video_va), bag(emb.audio_va), temperature, own_only=True).mean()
+    own_vt = symmetric_nce(bag(emb.video_vat), bag(emb.text_vat), temperature, own_only=True).mean()
     g_va, = torch.autograd.grad(own_va, Z, retain_graph=True)
     g_vt, = torch.autograd.grad(own_vt, Z, retain_graph=True)
     return g_va, g_vt
 
 
-def objective(emb: Embeddings, cfg: HarmonizeConfig, temperature: float, *, step: int, total_steps: int, measure: bool = True) -> tuple[torch.Tensor, StepStats]:
+def objective(emb: Embeddings, cfg: HarmonizeConfig, temperature: float, *, step: int, total_steps: int, measure: bool = True,
+              text_swapped: torch.Tensor | None = None, audio_swapped: torch.Tensor | None = None) -> tuple[torch.Tensor, StepStats]:
     """The scalar to backpropagate, and the step's statistics.
 
-    ``measure`` computes the per-sample gradients and conflict scores (always, when harmonization is on).
-    The loss is VATT's, each sample weighted by the curriculum; realignment adds, per sample, the change
-    PCGrad makes to its own gradients, realign(own_va,i, own_vt,i) - own_va,i - own_vt,i, through a term of
-    value zero, so the rest of the full gradient (i as another sample's negative) passes through unchanged
-    and every strategy still runs one backward pass on one scalar.
+    ``measure`` computes the per-sample gradients and conflict scores (always, when the setting needs them).
+    The loss is VATT's, each pair weighted by the curriculum and each loss renormalized by its kept weight;
+    realignment adds, per sample, the change PCGrad makes to its own (weighted) gradients, realign(own_va,i,
+    own_vt,i) - own_va,i - own_vt,i, through a term of value zero, so the rest of the full gradient (i as
+    another sample's negative) passes through unchanged and every strategy still runs one backward pass on one
+    scalar. The swap flags are read only by the oracle curriculum.
     """
-    l_va = symmetric_nce(emb.video_va.unsqueeze(1), emb.audio_va.unsqueeze(1), temperature)  # (B,)
-    l_vt = symmetric_nce(emb.video_vat.unsqueeze(1), emb.text_vat.unsqueeze(1), temperature)
-    stats = StepStats(float(l_va.mean().detach()), float(l_vt.mean().detach()))
-    if not (measure or cfg.enabled):
+    l_va = symmetric_nce(bag(emb.video_va), bag(emb.audio_va), temperature)  # (B,)
+    l_vt = symmetric_nce(bag(emb.video_vat), bag(emb.text_vat), temperature)  # MIL-NCE over the candidate texts
+    stats = StepStats(float(l_va.mean().detach()), float(l_vt.mean().detach()), losses=(l_va + l_vt).detach())
+    own_va = own_vt = cos = None
+    if measure or cfg.needs_cosine:
+        own_va, own_vt = per_sample_gradients(emb, temperature, cfg.target)
+        cos = stats.cos = cosine_rows(own_va, own_vt).detach()
+    if not cfg.enabled:
         return (l_va.mean() + l_vt.mean()) / 2, stats
-
-    own_va, own_vt = per_sample_gradients(emb, temperature)
-    cos = cosine_rows(own_va, own_vt).detach()
-    stats.cos = cos
-    if not cfg.enabled:  # measured only: the plain objective
-        return (l_va.mean() + l_vt.mean()) / 2, stats
-    weights = sample_weights(cfg, cos, step, total_steps)
-    stats.kept = float(weights.mean())
-    scale = weights / weights.mean().clamp_min(1e-6)  # renormalize by the kept weight
-    loss = (scale * (l_va + l_vt)).mean() / 2
+    w_va, w_vt = pair_weights(cfg, step=step, total_steps=total_steps, cos=cos, l_va=l_va, l_vt=l_vt, text_swapped=text_swapped, audio_swapped=audio_swapped)
+    stats.w_va, stats.w_vt = w_va, w_vt
+    s_va, s_vt = w_va / w_va.mean().clamp_min(1e-6), w_vt / w_vt.mean().clamp_min(1e-6)  # renormalize each loss by its kept weight
+    loss = ((s_va * l_va).mean() + (s_vt * l_vt).mean()) / 2
     if cfg.realign:
-        change = (realign(own_va, own_vt, cos) - own_va - own_vt) * scale.unsqueeze(1) / 2
-        push = (emb.video_BD * change.detach()).sum()
+        per_row = (-1,) + (1,) * (own_va.dim() - 1)
+        va, vt = own_va * s_va.view(per_row), own_vt * s_vt.view(per_row)
+        change = (realign(va, vt, cos) - va - vt) / 2
+        push = (target_of(emb, cfg.target) * change.detach()).sum()
         loss = loss + push - push.detach()
     return loss, stats

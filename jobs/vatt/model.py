@@ -78,7 +78,8 @@ class FrozenWords(nn.Module):
 class Outputs:
     video_BD: torch.Tensor  # pooled video feature: the representation both losses share
     audio_BD: torch.Tensor
-    text_BD: torch.Tensor
+    text_BD: torch.Tensor  # (B, D), or (B, K, D) for K candidate texts
+    video_tokens_BSD: torch.Tensor  # the video tokens entering the shared backbone's last block
 
 
 class VATT(nn.Module):
@@ -96,29 +97,60 @@ class VATT(nn.Module):
         self.norm = nn.LayerNorm(d, eps=1e-6)
         self.post = nn.ModuleDict({m: nn.Sequential(nn.Linear(d, cfg.post_dim), nn.GELU()) for m in ("video", "audio", "text")})
 
-    def encode(self, modality: str, tokens_BSD: torch.Tensor, pad_BS: torch.Tensor | None = None) -> torch.Tensor:
-        pooled = self.norm(self.encoder(tokens_BSD, src_key_padding_mask=pad_BS))[:, 0]  # AGG token
-        return self.post[modality](pooled)
+    def encode(self, modality: str, tokens_BSD: torch.Tensor, pad_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The post-projected AGG token, and the tokens entering the last block (a harmonization target)."""
+        x = tokens_BSD
+        *first, last = self.encoder.layers
+        for layer in first:
+            x = layer(x, src_key_padding_mask=pad_BS)
+        last_input = x
+        pooled = self.norm(last(x, src_key_padding_mask=pad_BS))[:, 0]  # AGG token
+        return self.post[modality](pooled), last_input
 
     def forward(self, video: torch.Tensor, audio: torch.Tensor, text: torch.Tensor) -> Outputs:
+        """``text`` is (B, N) words or (B, K, N): K candidate texts per clip, encoded apart, (B, K, D) out."""
         rate = self.cfg.drop_token
-        pad = torch.cat([torch.zeros_like(text[:, :1], dtype=torch.bool), text == 0], dim=1)  # AGG never padded
-        return Outputs(
-            video_BD=self.encode("video", self.video(video, rate)),
-            audio_BD=self.encode("audio", self.audio(audio, rate)),
-            text_BD=self.encode("text", self.text(text, 0.0), pad),
-        )
+        words_XN = text.flatten(0, -2)
+        pad = torch.cat([torch.zeros_like(words_XN[:, :1], dtype=torch.bool), words_XN == 0], dim=1)  # AGG never padded
+        text_XD, _ = self.encode("text", self.text(words_XN, 0.0), pad)
+        video_BD, video_tokens = self.encode("video", self.video(video, rate))
+        return Outputs(video_BD=video_BD, audio_BD=self.encode("audio", self.audio(audio, rate))[0], text_BD=text_XD.unflatten(0, text.shape[:-1]), video_tokens_BSD=video_tokens)
+
+
+class DetachedBatchNorm(nn.BatchNorm1d):
+    """Batch norm whose batch statistics are constants in the backward pass: the forward is batch norm's, but a
+    sample's gradient no longer flows through the other samples, so per-sample gradients taken in train mode
+    are each sample's own."""
+
+    def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x_BD)
+        mean, var = x_BD.mean(0).detach(), x_BD.var(0, unbiased=False).detach()
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(x_BD.var(0, unbiased=True), self.momentum)
+        return (x_BD - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias
 
 
 class CommonSpace(nn.Module):
-    """VATT's FAC head: video and audio meet in VA; VA (of video) and text meet in VAT."""
+    """VATT's FAC head: video and audio meet in VA; VA (of video) and text meet in VAT.
+
+    VATT normalizes with (cross-replica) batch norm, which mixes a batch's samples: a sample's gradient then
+    depends on the others, and the per-sample gradients of harmonization are not the sample's own. ``head_norm:
+    layer`` (the default) uses layer norm there instead."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         va, vat = cfg.va_dim, cfg.vat_dim
-        self.video_va = nn.Sequential(nn.Linear(cfg.post_dim, va, bias=False), nn.BatchNorm1d(va, eps=1e-5, momentum=0.1), nn.ReLU(), nn.Linear(va, va), nn.BatchNorm1d(va))
+
+        def norm(width: int) -> nn.Module:
+            kind = {"batch": nn.BatchNorm1d, "batch_detached": DetachedBatchNorm}.get(cfg.head_norm)
+            return kind(width, eps=1e-5, momentum=0.1) if kind else nn.LayerNorm(width, eps=1e-5)
+
+        self.video_va = nn.Sequential(nn.Linear(cfg.post_dim, va, bias=False), norm(va), nn.ReLU(), nn.Linear(va, va), norm(va))
         self.audio_va = nn.Linear(cfg.post_dim, va)
-        self.va_vat = nn.Sequential(nn.ReLU(), nn.Linear(va, vat), nn.BatchNorm1d(vat))
+        self.va_vat = nn.Sequential(nn.ReLU(), nn.Linear(va, vat), norm(vat))
         self.text_vat = nn.Linear(cfg.post_dim, vat)
 
     def forward(self, video_BD, audio_BD, text_BD):
@@ -132,7 +164,8 @@ class Embeddings:
     video_va: torch.Tensor
     audio_va: torch.Tensor
     video_vat: torch.Tensor
-    text_vat: torch.Tensor
+    text_vat: torch.Tensor  # (B, K, vat_dim): K candidate texts per clip
+    video_tokens_BSD: torch.Tensor | None = None  # the video tokens entering the backbone's last block
 
 
 class VattModel(nn.Module):
@@ -144,5 +177,7 @@ class VattModel(nn.Module):
         self.heads = CommonSpace(cfg)
 
     def forward(self, video: torch.Tensor, audio: torch.Tensor, text: torch.Tensor) -> Embeddings:
+        if text.dim() == 2:
+            text = text.unsqueeze(1)  # one candidate text per clip
         out = self.backbone(video, audio, text)
-        return Embeddings(out.video_BD, *self.heads(out.video_BD, out.audio_BD, out.text_BD))
+        return Embeddings(out.video_BD, *self.heads(out.video_BD, out.audio_BD, out.text_BD), video_tokens_BSD=out.video_tokens_BSD)

@@ -9,7 +9,7 @@ import torch
 from jobs.vatt import evaluate
 from jobs.vatt.config import VattConfig
 from jobs.vatt.data import TripletDecoder, to_tensors
-from jobs.vatt.losses import objective
+from jobs.vatt.losses import curriculum_active, objective
 from jobs.vatt.model import VattModel
 from labtrain import dist
 from labtrain.train import Session
@@ -38,37 +38,45 @@ def train(session: Session, cfg: VattConfig) -> None:
     restored = session.restore(data)
     step = restored.step
     history: list[dict] = restored.extra.get("history", [])
+    epochs: list[dict] = restored.extra.get("epochs", [])  # per finished epoch: the conflict and loss AUROC of its measurements
     scores: dict[str, list] = restored.extra.get("scores", {})  # per triplet, see evaluate.add_scores: bounded by the data
+    drops = torch.tensor(restored.extra.get("drops", [0.0] * 4), device=session.device)  # the curriculum's dropped pairs against the planted swaps, on the device
     session.total_steps = total_steps
     session.info("VATT: %d steps on %d workers (%s), harmonize %s, from step %d", total_steps, session.world_size, cfg.run.strategy, cfg.harmonize.model_dump(), step)
 
     model.train()
     while data.epoch < cfg.epochs:
         for batch in session.batches(data):
-            measure = cfg.harmonize.enabled or step % cfg.log_every == 0  # per-sample gradients cost two small backward passes
+            measure = cfg.harmonize.needs_cosine or step % cfg.log_every == 0  # per-sample gradients cost two small backward passes
             emb = model(batch["video"].to(session.device, non_blocking=True), batch["audio"].to(session.device, non_blocking=True), batch["text"].to(session.device, non_blocking=True))
-            loss, stats = objective(emb, cfg.harmonize, cfg.model.temperature, step=step, total_steps=total_steps, measure=measure)
+            swapped = {k: batch[k].to(session.device) for k in ("text_swapped", "audio_swapped")} if cfg.harmonize.score == "oracle" else {}
+            loss, stats = objective(emb, cfg.harmonize, cfg.model.temperature, step=step, total_steps=total_steps, measure=measure, **swapped)
             session.backward(loss, model=model)
             optimizer.step()
             optimizer.zero_grad()
             scheduler.step()
             step += 1
+            if stats.w_va is not None and curriculum_active(cfg.harmonize, step - 1, total_steps):
+                drops += evaluate.drop_counts(stats.w_va, stats.w_vt, batch["audio_swapped"].to(session.device), batch["text_swapped"].to(session.device))
+            if measure:  # the step's per-sample figures, one host copy (every step when the setting needs the cosine)
+                evaluate.add_scores(scores, data.epoch, batch["__key__"], batch["misaligned"].tolist(), stats.losses.tolist(), None if stats.cos is None else stats.cos.tolist())
+            signals = {"loss_va": stats.loss_va, "loss_vt": stats.loss_vt, "kept": stats.kept}
             if stats.cos is not None:
-                evaluate.add_scores(scores, data.epoch, batch["__key__"], stats.cos.tolist(), batch["misaligned"].tolist())
-            signals = {"loss_va": stats.loss_va, "loss_vt": stats.loss_vt}
-            if stats.cos is not None:
-                signals.update(conflict_rate=stats.conflict_rate, mean_cos=stats.mean_cos, kept=stats.kept)
+                signals.update(conflict_rate=stats.conflict_rate, mean_cos=stats.mean_cos)
             if step % cfg.log_every == 0:
-                history.append({"step": step, "loss": float(loss.detach()), **signals})
+                history.append({"step": step, "epoch": data.epoch, "loss": float(loss.detach()), **signals})
             session.log(step, loss=loss, **signals)
             if step % cfg.checkpoint_every == 0:
-                session.checkpoint(step, data, extra={"history": history, "scores": scores})
+                session.checkpoint(step, data, extra={"history": history, "scores": scores, "drops": drops.tolist(), "epochs": epochs})
+        if data.epoch > len(epochs):  # an epoch ended: how well its single measurements flagged the misaligned triplets (this rank's)
+            epochs.append({"epoch": data.epoch - 1, "step": step, **evaluate.epoch_auroc(scores, data.epoch - 1)})
 
     all_scores = evaluate.merge_scores(dist.all_gather_object(scores))
     report = evaluate.evaluate(session.unwrap(model), cfg, session.device)
-    report.update(evaluate.conflict_auroc(all_scores, last_epoch=cfg.epochs - 1), steps=step, history=history)
+    report.update(evaluate.conflict_auroc(all_scores, last_epoch=cfg.epochs - 1), steps=step, history=history, epochs=epochs)
+    report.update(evaluate.drop_precision(dist.all_gather_object(drops.tolist())))
     if session.rank == 0:
         paths = evaluate.write_report(report, cfg)
         session.info("evaluation: %s", evaluate.summary(report))
         session.info("wrote %s", ", ".join(paths))
-    session.checkpoint(step, data, extra={"history": history, "scores": scores}, metrics={k: v for k, v in report.items() if isinstance(v, float)})
+    session.checkpoint(step, data, extra={"history": history, "scores": scores, "drops": drops.tolist(), "epochs": epochs}, metrics={k: v for k, v in report.items() if isinstance(v, float)})

@@ -106,7 +106,7 @@ def test_vatt_goes_through_the_queue(ray_cluster, tmp_path):
         "jobs/vatt/configs/tiny.yaml", "--job", "jobs.vatt", "--workers", "2", *small,
         "data.urls=queued-vatt/train/shard-{000000..000003}.tar", "eval.urls=queued-vatt/eval/shard-{000000..000001}.tar",
     ])
-    assert "evaluation: retrieval_r1" in out and "step 4/4 (100%)" in out
+    assert "evaluation: text-to-video group R@1" in out and "step 4/4 (100%)" in out
 
 
 def test_cluster_up_restarts_a_dead_queue_and_records_it(ray_cluster, tmp_path):

@@ -32,12 +32,20 @@ def test_sizes_that_do_not_fit_are_refused_with_the_reason():
         load_config(VattConfig, TINY, ["data.batch_size=1"])
 
 
-def test_the_corpus_plants_the_misaligned_share():
+def test_the_corpus_swaps_texts_and_audio_apart_on_the_same_clips():
     model, syn = ModelConfig(frame_size=8, video_patch=(2, 4)), SyntheticConfig(num_samples=400, misaligned=0.3)
-    flags = [s["json"]["misaligned"] for s in vatt_data.samples(syn, model)]
-    assert 0.22 < np.mean(flags) < 0.38
-    clean = [s["json"]["misaligned"] for s in vatt_data.samples(syn, model, count=100, split_seed=1, misaligned=0.0)]
-    assert sum(clean) == 0
+    corrupted = list(vatt_data.samples(syn, model))
+    text, audio = np.array([s["json"]["text_swapped"] for s in corrupted]), np.array([s["json"]["audio_swapped"] for s in corrupted])
+    assert 0.22 < text.mean() < 0.38 and 0.22 < audio.mean() < 0.38  # each pair at the share, drawn apart
+    assert 0.02 < (text & audio).mean() < 0.16
+    assert corrupted[0]["text.npy"].shape == (model.text_candidates, model.text_len)
+    clean = list(vatt_data.samples(syn.model_copy(update={"misaligned": 0.0}), model))
+    assert all(np.array_equal(a["video.npy"], b["video.npy"]) for a, b in zip(clean, corrupted))  # the oracle arm's clips
+    for a, b in zip(clean, corrupted):
+        assert np.array_equal(a["text.npy"], b["text.npy"]) != bool(b["json"]["text_swapped"])
+        assert np.array_equal(a["audio.npy"], b["audio.npy"]) != bool(b["json"]["audio_swapped"])
+    eval_split = [s["json"]["misaligned"] for s in vatt_data.samples(syn, model, count=100, split_seed=1, misaligned=0.0)]
+    assert sum(eval_split) == 0
 
 
 def test_bad_triplets_are_skipped_by_name_and_counted(tmp_path, caplog):
@@ -45,7 +53,7 @@ def test_bad_triplets_are_skipped_by_name_and_counted(tmp_path, caplog):
     good = list(vatt_data.samples(SyntheticConfig(num_samples=29, misaligned=0.0), model))
     no_audio = {k: v for k, v in good[3].items() if k != "audio.npy"}
     wrong_shape = dict(good[7], **{"video.npy": np.zeros((2, 8, 8, 3), np.uint8)})
-    empty_text = dict(good[11], **{"text.npy": np.zeros(model.text_len, np.int16)})
+    empty_text = dict(good[11], **{"text.npy": np.stack([good[11]["text.npy"][0], np.zeros(model.text_len, np.int16), good[11]["text.npy"][2]])})  # one empty candidate
     samples = good[:3] + [no_audio] + good[4:7] + [wrong_shape] + good[8:11] + [empty_text] + good[12:]
     pattern = write_shards(samples, str(tmp_path), max_samples=10, progress=False)
     stream = DataStream(DataConfig(urls=pattern, batch_size=4), decoder=vatt_data.TripletDecoder(model), transform=vatt_data.to_tensors, rank=0, world_size=1)
@@ -75,8 +83,9 @@ def test_vatt_trains_on_two_workers_with_each_strategy(ray_cluster, tmp_path, st
     report = json.loads((tmp_path / "out" / f"{cfg.run.name}-eval.json").read_text())
     assert (tmp_path / "out" / f"{cfg.run.name}-curves.png").stat().st_size > 10_000
     assert report["steps"] == 128 // 2 // 16
-    for key in ("retrieval_r1", "retrieval_r5", "retrieval_r10", "linear_probe_accuracy", "conflict_auroc"):
+    for key in ("t2v_group_r1", "t2v_group_map", "a2v_group_r1", "t2v_class_r1", "class_probe_accuracy", "style_probe_accuracy", "conflict_auroc", "loss_auroc", "drop_precision", "drop_base_rate"):
         assert 0 <= report[key] <= 1, key
+    assert len(report["epochs"]) == 1 and 0 <= report["epochs"][0]["conflict_auroc"] <= 1
     assert report["history"] and all(0 <= h["conflict_rate"] <= 1 for h in report["history"])
 
 
@@ -102,13 +111,19 @@ def test_base_preset_matches_vatt_base():
 
 @pytest.mark.slow
 def test_experiment_runs_at_small_size(tmp_path):
-    """The harmonization experiment end to end, one seed, both settings, with the planted misalignment."""
+    """The harmonization experiment end to end at a small size: one seed, three arms, with the planted swaps."""
     from jobs.vatt import experiment
 
     overrides = [o for o in SMALL if not o.startswith("data.batch_size")] + ["data.batch_size=32"]
-    assert experiment.main(["--config", str(TINY), "--seeds", "0", "--misaligned", "0.3", "--out", str(tmp_path), *overrides]) == 0
+    argv = ["--config", str(TINY), "--seeds", "0", "--misaligned", "0.3", "--arms", "perfect", "plain", "both", "--out", str(tmp_path), *overrides]
+    assert experiment.main(argv) == 0
     result = json.loads((tmp_path / "experiment.json").read_text())
-    assert {r["setting"] for r in result["runs"]} == {"plain", "harmonized"}
+    runs = {r["arm"]: r for r in result["runs"]}
+    assert set(runs) == {"perfect", "plain", "both"}
+    assert runs["perfect"]["drop_precision"] == 1.0  # the oracle drops exactly the swapped pairs
     for row in result["runs"]:
-        assert 0 <= row["conflict_auroc"] <= 1 and 0 <= row["retrieval_r1"] <= 1
+        assert 0 <= row["conflict_auroc"] <= 1 and 0 <= row["t2v_group_r1"] <= 1
+    verdict = result["verdicts"]["30%"]
+    assert verdict["gap_perfect_minus_plain"] == runs["perfect"]["t2v_group_r1"] - runs["plain"]["t2v_group_r1"]
+    assert {p["arm"] for p in result["paired"]} == {"perfect", "both"}
     assert (tmp_path / "experiment.png").stat().st_size > 10_000

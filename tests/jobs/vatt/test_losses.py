@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from jobs.vatt.config import HarmonizeConfig, ModelConfig
-from jobs.vatt.losses import curriculum_threshold, objective, per_sample_gradients, realign, symmetric_nce
+from jobs.vatt.losses import bag, curriculum_threshold, objective, pair_weights, per_sample_gradients, realign, symmetric_nce, target_of
 from jobs.vatt.model import VattModel
 
 
@@ -60,29 +60,95 @@ def test_two_gloo_ranks_use_the_global_batch_as_negatives(tmp_path):
     torch.testing.assert_close(torch.cat([results[0][2], results[1][2]]), full_a.grad, rtol=1e-4, atol=1e-5)
 
 
-@pytest.fixture
-def tiny_model():
+def make_model(head_norm: str = "batch_detached", candidates: int = 3):
     torch.manual_seed(0)
-    cfg = ModelConfig(frame_size=8, video_patch=(2, 4), num_frames=4, audio_samples=256, audio_patch=32, text_len=4, vocab_size=32, d_model=32, d_ff=32, post_dim=16, va_dim=16, vat_dim=8)
+    cfg = ModelConfig(frame_size=8, video_patch=(2, 4), num_frames=4, audio_samples=256, audio_patch=32, text_len=4, vocab_size=32, d_model=32, d_ff=32, post_dim=16, va_dim=16, vat_dim=8, head_norm=head_norm)
     model = VattModel(cfg)
-    batch = (torch.randn(6, 3, 4, 8, 8), torch.randn(6, 256), torch.randint(1, 32, (6, 4)))
+    batch = (torch.randn(6, 3, 4, 8, 8), torch.randn(6, 256), torch.randint(1, 32, (6, candidates, 4)))
     return model, batch
 
 
-def test_per_sample_gradients_equal_one_backward_pass_per_sample(tiny_model):
-    """Two autograd.grad calls give what B separate backward passes give (heads in eval mode, so that
-    batch norm does not couple the samples)."""
-    model, batch = tiny_model
-    model.heads.eval()
+@pytest.fixture
+def tiny_model():
+    return make_model()
+
+
+def _separate_passes_match(model, batch, target: str = "pooled") -> bool:
+    """Do the two autograd.grad calls give what B separate backward passes (one per sample and loss) give?"""
     emb = model(*batch)
-    own_va, own_vt = per_sample_gradients(emb, 0.07)
+    own_va, own_vt = per_sample_gradients(emb, 0.07, target)
+    Z = target_of(emb, target)
     B = len(own_va)
     for i in range(B):
-        for name, got, (x, y) in (("va", own_va, (emb.video_va, emb.audio_va)), ("vt", own_vt, (emb.video_vat, emb.text_vat))):
-            loss_i = symmetric_nce(x.unsqueeze(1), y.unsqueeze(1), 0.07, own_only=True)[i] / B
-            expected, = torch.autograd.grad(loss_i, emb.video_BD, retain_graph=True)
-            torch.testing.assert_close(got[i], expected[i], msg=f"{name} row {i}")
-            assert expected[[j for j in range(B) if j != i]].abs().max() == 0  # sample i's own loss touches only row i
+        for got, (x, y) in ((own_va, (emb.video_va, emb.audio_va)), (own_vt, (emb.video_vat, emb.text_vat))):
+            loss_i = symmetric_nce(bag(x), bag(y), 0.07, own_only=True)[i] / B
+            expected, = torch.autograd.grad(loss_i, Z, retain_graph=True)
+            if not torch.allclose(got[i], expected[i], rtol=1e-4, atol=1e-7) or expected[[j for j in range(B) if j != i]].abs().max() > 0:
+                return False  # sample i's own loss must touch only row i
+    return True
+
+
+@pytest.mark.parametrize("head_norm,target", [("batch_detached", "pooled"), ("layer", "pooled"), ("batch_detached", "last_block")])
+def test_per_sample_gradients_equal_one_backward_pass_per_sample_in_train_mode(head_norm, target):
+    """In train mode (batch statistics live, dropout on), with the candidate texts of MIL-NCE, for both targets;
+    VATT's own batch norm fails the same check."""
+    model, batch = make_model(head_norm)
+    model.train()
+    assert _separate_passes_match(model, batch, target)
+    mixed, batch = make_model("batch")
+    mixed.train()
+    assert not _separate_passes_match(mixed, batch)  # batch norm's backward mixes the samples: the check can fail
+
+
+def test_detached_batch_norm_normalizes_as_batch_norm_does():
+    from jobs.vatt.model import DetachedBatchNorm
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 8) * 3 + 1
+    ours, theirs = DetachedBatchNorm(8), torch.nn.BatchNorm1d(8)
+    torch.testing.assert_close(ours(x), theirs(x))
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+    ours.eval(), theirs.eval()
+    torch.testing.assert_close(ours(x), theirs(x))
+
+
+def _weights(cfg: HarmonizeConfig, step: int, cos, l_va, l_vt, **flags):
+    return pair_weights(cfg, step=step, total_steps=100, cos=cos, l_va=l_va, l_vt=l_vt, **flags)
+
+
+def test_share_curriculum_warms_up_drops_its_share_then_keeps_everything():
+    torch.manual_seed(0)
+    B = 10
+    cos, l_va, l_vt = torch.linspace(-1, 1, B), torch.rand(B), torch.rand(B)
+    l_vt[0] = 10.0  # the lowest-cosine triplet's text pair stands out
+    cfg = HarmonizeConfig(curriculum="share", score="cosine", unit="pair", warmup_fraction=0.2, drop_share=0.3, drop_until=0.8)
+    for step in (0, 19, 80, 99):
+        w_va, w_vt = _weights(cfg, step, cos, l_va, l_vt)
+        assert w_va.sum() == w_vt.sum() == B, step  # warm-up, and after drop_until
+    w_va, w_vt = _weights(cfg, 20, cos, l_va, l_vt)
+    assert (2 * B - w_va.sum() - w_vt.sum()) == 3  # round(0.3 * 10) pairs
+    assert w_vt[0] == 0 and w_va[0] == 1  # of triplet 0 only the pair whose loss stands out
+    assert set(torch.nonzero((w_va * w_vt) == 0).flatten().tolist()) == {0, 1, 2}  # the three lowest cosines
+    triplet = cfg.model_copy(update={"unit": "triplet"})
+    w_va, w_vt = _weights(triplet, 50, cos, l_va, l_vt)
+    assert torch.equal(w_va, w_vt) and torch.nonzero(w_va == 0).flatten().tolist() == [0, 1, 2]
+    for score in ("loss", "random"):
+        w_va, w_vt = _weights(cfg.model_copy(update={"score": score}), 50, None, l_va, l_vt)
+        assert (2 * B - w_va.sum() - w_vt.sum()) == 3, score  # the same number of pairs, another choice
+    w_va, w_vt = _weights(cfg.model_copy(update={"score": "loss"}), 50, None, l_va, l_vt)
+    assert w_vt[0] == 0  # the highest loss goes first
+
+
+def test_oracle_curriculum_drops_exactly_the_swapped_pairs_at_every_step():
+    B = 8
+    text, audio = torch.tensor([1, 0, 0, 1, 0, 0, 0, 0]), torch.tensor([0, 1, 0, 1, 0, 0, 0, 0])
+    cfg = HarmonizeConfig(curriculum="share", score="oracle", warmup_fraction=0.5)
+    for step in (0, 60):
+        w_va, w_vt = _weights(cfg, step, None, torch.rand(B), torch.rand(B), text_swapped=text, audio_swapped=audio)
+        assert torch.equal(w_vt, 1.0 - text) and torch.equal(w_va, 1.0 - audio)
+    with pytest.raises(ValueError, match="needs the planted swap flags"):
+        _weights(cfg, 0, None, torch.rand(B), torch.rand(B))
 
 
 def test_realignment_projects_only_conflicting_pairs():
@@ -113,7 +179,8 @@ def test_harmonized_objective_sends_its_gradient_into_the_backbone(tiny_model):
     def grads(cfg: HarmonizeConfig, measure: bool):
         torch.manual_seed(1)  # same DropToken choice
         model.zero_grad()
-        loss, stats = objective(model(*batch), cfg, 0.07, step=0, total_steps=100, measure=measure)
+        flags = {"text_swapped": torch.tensor([1, 0, 0, 0, 0, 0]), "audio_swapped": torch.zeros(6)} if cfg.score == "oracle" else {}
+        loss, stats = objective(model(*batch), cfg, 0.07, step=0, total_steps=100, measure=measure, **flags)
         loss.backward()
         return loss.detach(), stats, [p.grad.clone() for p in model.backbone.video.parameters()], [p.grad.clone() for p in model.heads.parameters()]
 
@@ -132,5 +199,15 @@ def test_harmonized_objective_sends_its_gradient_into_the_backbone(tiny_model):
     if (realigned.cos < 0).any():
         assert any(not torch.allclose(x, y) for x, y in zip(backbone_a, backbone_c))
 
+    loss_t, tokens, backbone_t, heads_t = grads(HarmonizeConfig(realign=True, curriculum="none", target="last_block"), True)
+    torch.testing.assert_close(loss_t, loss_a)
+    for x, y in zip(heads_a, heads_t):
+        torch.testing.assert_close(x, y)
+    if (tokens.cos < 0).any():
+        assert any(not torch.allclose(x, y) for x, y in zip(backbone_a, backbone_t))
+
     _, hard, _, _ = grads(HarmonizeConfig(realign=False, curriculum="hard", gamma_start=0.0), True)
     assert hard.kept == pytest.approx(float((hard.cos >= 0).float().mean()))
+
+    _, oracle, _, _ = grads(HarmonizeConfig(realign=False, curriculum="share", score="oracle"), False)
+    assert oracle.kept == pytest.approx((1 + 5 / 6) / 2) and oracle.cos is None  # one text pair dropped; no per-sample gradients needed
