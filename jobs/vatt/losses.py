@@ -147,7 +147,10 @@ def pair_weights(cfg: HarmonizeConfig, *, step: int, total_steps: int, cos: torc
     z_va, z_vt = _zscore(l_va.detach()), _zscore(l_vt.detach())
     w = torch.ones(2, B, device=l_va.device)  # rows: va, vt
     if cfg.unit == "triplet":
-        badness = {"cosine": -cos if cos is not None else None, "loss": z_va + z_vt, "random": torch.rand(B, device=l_va.device)}[cfg.score]
+        if cfg.score == "cosine":
+            badness = -cos
+        else:
+            badness = z_va + z_vt if cfg.score == "loss" else torch.rand(B, device=l_va.device)
         w[:, badness.topk(n).indices] = 0
     elif cfg.score == "cosine":
         worst = (-cos).topk(n).indices

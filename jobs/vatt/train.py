@@ -59,7 +59,7 @@ def train(session: Session, cfg: VattConfig) -> None:
             if stats.w_va is not None and curriculum_active(cfg.harmonize, step - 1, total_steps):
                 drops += evaluate.drop_counts(stats.w_va, stats.w_vt, batch["audio_swapped"].to(session.device), batch["text_swapped"].to(session.device))
             if measure:  # the step's per-sample figures, one host copy (every step when the setting needs the cosine)
-                evaluate.add_scores(scores, data.epoch, batch["__key__"], batch["misaligned"].tolist(), stats.losses.tolist(), None if stats.cos is None else stats.cos.tolist())
+                evaluate.add_scores(scores, data.epoch, batch["__key__"], batch["misaligned"].tolist(), stats.losses.tolist(), stats.cos.tolist())
             signals = {"loss_va": stats.loss_va, "loss_vt": stats.loss_vt, "kept": stats.kept}
             if stats.cos is not None:
                 signals.update(conflict_rate=stats.conflict_rate, mean_cos=stats.mean_cos)
