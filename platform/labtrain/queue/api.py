@@ -47,10 +47,11 @@ class Service:
 
 
 def _public(row: dict) -> dict[str, Any]:
-    out = {k: v for k, v in row.items() if k != "request_id"}
-    out["cpus"] = row["workers"] * row["cpus_per_worker"]
-    out["gpus"] = row["workers"] * row["gpus_per_worker"]
-    return out
+    """The row as the API shows it, changed in place (every caller holds a fresh dict from the store)."""
+    row.pop("request_id", None)
+    row["cpus"] = row["workers"] * row["cpus_per_worker"]
+    row["gpus"] = row["workers"] * row["gpus_per_worker"]
+    return row
 
 
 def _refuse(field: str, message: str, value: Any = None, *, where: str = "body") -> HTTPException:

@@ -24,6 +24,7 @@ import threading
 import time
 from typing import Any, Iterable
 
+import orjson
 import sqlalchemy as sa
 
 from labtrain.queue.scheduler import Quota, Running, UserShare, Waiting, decay
@@ -79,6 +80,8 @@ jobs_t = sa.Table(
     sa.UniqueConstraint("user", "request_id", name="uq_jobs_user_request"),
     sa.Index("ix_jobs_ended", "ended_at", "id"),  # history, newest first (paged by (ended_at, id))
     sa.Index("ix_jobs_user_ended", "user", "ended_at", "id"),
+    # `labtrain queue` and the page: one user's active jobs among months of finished ones (reads 200 rows, not 1,200)
+    sa.Index("ix_jobs_user_state_submitted", "user", "state", "submitted_at"),
 )
 events_t = sa.Table(  # every state a job entered, when, in which attempt, and why: `labtrain show`, the page
     "events", meta,
@@ -115,7 +118,7 @@ def submission_id(job_id: str, attempt: int) -> str:
 
 def engine_for(db: str) -> sa.Engine:
     if "://" not in db:
-        engine = sa.create_engine(f"sqlite:///{db}", connect_args={"check_same_thread": False, "timeout": 30})
+        engine = sa.create_engine(f"sqlite:///{db}", connect_args={"check_same_thread": False, "timeout": 30}, json_deserializer=orjson.loads)
 
         @sa.event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn, _record):
@@ -127,7 +130,7 @@ def engine_for(db: str) -> sa.Engine:
         return engine
     if db.startswith("postgresql://"):
         db = "postgresql+psycopg://" + db[len("postgresql://"):]
-    return sa.create_engine(db, pool_pre_ping=True)
+    return sa.create_engine(db, pool_pre_ping=True, json_deserializer=orjson.loads)
 
 
 def _event(conn, job_id: str, state: str, at: float, attempt: int | None, message: str) -> None:
@@ -144,7 +147,7 @@ def _row(r) -> dict[str, Any]:
 def _rows(result) -> list[dict[str, Any]]:
     """A result's rows as plain dicts with ``str`` keys (twice as fast as ``_row`` per row, and orjson takes them)."""
     keys = [str(k) for k in result.keys()]
-    return [dict(zip(keys, r)) for r in result]
+    return [dict(zip(keys, r)) for r in result.fetchall()]  # fetchall: one driver call, not one fetchone per row
 
 
 class Store:
