@@ -16,16 +16,20 @@ from labtrain.launch import job_main
 def prepare(cfg: GANConfig) -> GANConfig:
     """Training and held-out shards must exist (or be written from the corpus on request); the FID_domain
     extractor is trained here if its file is missing, so a run never starts without its metric."""
-    c, res = cfg.corpus, cfg.images.resolution
+    c, res, classes = cfg.corpus, cfg.images.resolution, cfg.pix2pixhd.label_classes
     train_data = require_shards(
         cfg.data, field="data.urls", write=c.write, write_field="corpus.write",
-        samples=lambda: data.samples(c, res, heldout=False), total=c.num_images, samples_per_shard=c.samples_per_shard, what=f"{c.kind} images",
+        samples=lambda: data.samples(c, res, heldout=False, classes=classes), total=c.num_images, samples_per_shard=c.samples_per_shard, what=f"{c.kind} images",
     )
     eval_data = require_shards(
         cfg.data.model_copy(update={"urls": cfg.eval.urls, "index": None}), field="eval.urls", write=c.write, write_field="corpus.write",
-        samples=lambda: data.samples(c, res, heldout=True), total=c.eval_images, samples_per_shard=c.samples_per_shard, what=f"held-out {c.kind} images",
+        samples=lambda: data.samples(c, res, heldout=True, classes=classes), total=c.eval_images, samples_per_shard=c.samples_per_shard,
+        what=f"held-out {c.kind} images",
     )
     cfg = cfg.model_copy(update={"data": train_data, "eval": cfg.eval.model_copy(update={"urls": eval_data.urls})})
+    if cfg.model.arch == "pix2pixhd":
+        print("metric: pix2pixHD's L1 and PSNR to the ground truth on the second half of the held-out pairs (no FID_domain: the extractor is StyleGAN2's)", flush=True)
+        return cfg
     try:
         ext = evaluate.extractor(cfg)
     except (ValueError, FileNotFoundError) as error:
@@ -38,6 +42,10 @@ def report(cfg: GANConfig, result) -> None:
     out = cfg.out_dir
     if "fid" in result.metrics:
         print(f"evaluation: {evaluate.summary(result.metrics)}")
+    if "psnr" in result.metrics:
+        from jobs.gan.pix2pixhd import summary
+
+        print(f"evaluation: {summary(result.metrics)}")
     print(f"report: {os.path.join(out, cfg.run.name + '-eval.json')}")
     print(f"plot: {os.path.join(out, cfg.run.name + '-eval.png')}")
     print(f"sample grids: {os.path.join(out, cfg.run.name + '-samples-*.png')}")

@@ -24,7 +24,7 @@ class CorpusConfig(Config):
     8x8 handwritten digits (resized; 10 classes)."""
 
     write: bool = Field(False, description="Write the corpus where no shards are: training images to data.urls' folder, held-out ones to eval.urls'.")
-    kind: Literal["shapes", "digits"] = Field("shapes", description="Which corpus to write.")
+    kind: Literal["shapes", "digits", "labelmaps"] = Field("shapes", description="Which corpus to write ('labelmaps': pix2pixHD's pairs).")
     num_images: int = Field(100, ge=8, description="Training images (the limited-data regime InsGen targets: 100 to 2k).")
     eval_images: int = Field(2000, ge=64, description="Held-out real images: the first half trains the FID_domain extractor, the second is FID's reference.")
     modes: int = Field(10, ge=2, le=10, description="Modes of the shapes corpus (shape x colour, METHODS.md 4.5: K = 10).")
@@ -33,10 +33,12 @@ class CorpusConfig(Config):
 
 
 class ModelConfig(Config):
-    """StyleGAN2 (config-f layout): a mapping network, a synthesis network of modulated convolutions with
+    """``arch``: 'stylegan2' (unconditional, below) or 'pix2pixhd' (label map -> image; its sizes are in the
+    ``pix2pixhd`` section). StyleGAN2 (config-f layout): a mapping network, a synthesis network of modulated convolutions with
     noise inputs from a learned 4x4 constant, skip-connected toRGB; a residual discriminator with minibatch
     standard deviation. Every layer has an equalised learning rate."""
 
+    arch: Literal["stylegan2", "pix2pixhd"] = Field("stylegan2", description="'stylegan2': z -> image (ADA, InsGen, GenDA); 'pix2pixhd': label map -> image (paired shards).")
     z_dim: int = Field(64, ge=2, description="Latent z width (paper: 512).")
     w_dim: int = Field(64, ge=2, description="Intermediate latent w width (paper: 512).")
     mapping_layers: int = Field(2, ge=1, description="Mapping network depth (paper: 8; ADA's auto config: 2).")
@@ -89,6 +91,39 @@ class InsGenConfig(Config):
     g_weight: float = Field(0.1, ge=0, description="Weight of the generator diversity term (G phase, fake head frozen).")
 
 
+class Pix2PixHDConfig(Config):
+    """pix2pixHD (arXiv 1711.11585, NVIDIA/pix2pixHD): the global generator and ``num_d`` PatchGAN
+    discriminators at scales 1, 1/2, ...; LSGAN, feature matching, no VGG loss (no pretrained VGG here)."""
+
+    label_classes: int = Field(4, ge=2, description="Classes of the label maps (one-hot channels of G's and D's input).")
+    ngf: int = Field(64, ge=4, description="G's channels after the first 7x7 convolution, doubled per downsampling (code: 64).")
+    n_downsample: int = Field(3, ge=1, description="G's stride-2 downsamplings (global G: 3; each needs the side to halve cleanly).")
+    n_blocks: int = Field(9, ge=0, description="ResNet blocks at G's bottleneck (global G: 9).")
+    ndf: int = Field(64, ge=4, description="Each D's first-layer channels, doubled per layer up to 512.")
+    n_layers_d: int = Field(3, ge=1, description="Stride-2 convolutions of each PatchGAN D (code: 3), then two stride-1 ones.")
+    num_d: int = Field(2, ge=1, description="Discriminator scales (code default 2; the paper uses 3); each sees the input average-pooled once more.")
+    feat_match: bool = Field(True, description="Feature-matching loss: L1 between D's features of real and fake at every scale and layer but the last.")
+    lambda_feat: float = Field(10.0, ge=0, description="Weight of feature matching (each term: lambda_feat x 4/(n_layers_d+1) / num_d).")
+    lr: float = Field(0.0002, gt=0, description="Adam learning rate of G and D, betas (0.5, 0.999).")
+    decay_from: float = Field(0.5, ge=0, le=1, description="Share of the epochs at constant lr; the rest decays linearly to zero (code: 100 + 100 epochs).")
+
+
+class GenDAConfig(Config):
+    """GenDA one-shot adaptation (arXiv 2111.09876, METHODS.md 4.3): from a trained StyleGAN2 checkpoint, G and D
+    are frozen; an attribute adaptor w' = a*w + b (a=1, b=0 at the start) and a linear classifier on D's frozen
+    features are trained adversarially against ONE target image, with truncation psi < 1 during training as the
+    diversity constraint. ``method: finetune`` is the baseline: all of G and D fine-tuned on the same image."""
+
+    source: StoragePath | None = Field(None, description="The source run's checkpoint directory (a Ray Train checkpoint_* folder of a stylegan2 run); required with mode=genda.")
+    target: str | None = Field(None, description="The one target image (PNG/JPEG, resized to images.resolution); required with mode=genda.")
+    method: Literal["adaptor", "finetune"] = Field("adaptor", description="'adaptor': GenDA; 'finetune': the plain fine-tuning baseline.")
+    steps: int = Field(300, ge=1, description="Adaptation steps.")
+    batch_size: int = Field(16, ge=1, description="Generated images per step (the one target image is repeated to match).")
+    lr: float = Field(0.002, gt=0, description="Adam learning rate of what is trained.")
+    truncation: float = Field(0.7, gt=0, le=1, description="psi of w = w_avg + psi (w - w_avg) during adaptation (1: off; the adaptor method only); never at test.")
+    augment_p: float = Field(0.5, ge=0, le=1, description="Probability of ADA's x-flip and of its translation on each image D sees (fixed; no colour ops: colour may be the attribute).")
+
+
 class EvalConfig(Config):
     """FID_domain and KID (torchmetrics) over a feature extractor trained here on held-out real images,
     saved with its hash, and mode coverage from the same classifier."""
@@ -116,6 +151,9 @@ class GANConfig(Config):
     loss: LossConfig = Field(default_factory=LossConfig, description="Losses, regularisation, optimizers, EMA.")
     ada: AdaConfig = Field(default_factory=AdaConfig, description="Adaptive discriminator augmentation.")
     insgen: InsGenConfig = Field(default_factory=InsGenConfig, description="InsGen's instance discrimination.")
+    pix2pixhd: Pix2PixHDConfig = Field(default_factory=Pix2PixHDConfig, description="pix2pixHD's G and D (model.arch=pix2pixhd).")
+    mode: Literal["train", "genda"] = Field("train", description="'train': train the model from scratch; 'genda': adapt a trained stylegan2 run to one target image.")
+    genda: GenDAConfig = Field(default_factory=GenDAConfig, description="GenDA's one-shot adaptation (mode=genda).")
     eval: EvalConfig = Field(description="FID_domain, KID and mode coverage.")
     run: RunConfig = Field(default_factory=RunConfig, description="Workers, strategy, checkpoints.")
     epochs: int = Field(200, ge=1, description="Passes over the training images.")
@@ -142,6 +180,21 @@ class GANConfig(Config):
             problems.append("run.accumulate_batches must be 1: each minibatch is a G step and a D step")
         if self.eval.extractor == "inception" and not self.eval.inception_weights:
             problems.append("eval.extractor=inception needs eval.inception_weights, the path of a local FID Inception weights file")
+        if self.model.arch == "pix2pixhd":
+            if self.insgen.enabled or self.mode == "genda":
+                problems.append("model.arch=pix2pixhd: InsGen and GenDA are StyleGAN2's; set insgen.enabled=false and mode=train")
+            if self.corpus.write and self.corpus.kind != "labelmaps":
+                problems.append(f"model.arch=pix2pixhd trains on (label map, image) pairs: corpus.kind={self.corpus.kind} has no label maps; use corpus.kind=labelmaps")
+            if res % 2 ** self.pix2pixhd.n_downsample:
+                problems.append(f"images.resolution={res} must be divisible by 2^pix2pixhd.n_downsample={2 ** self.pix2pixhd.n_downsample}")
+        elif self.corpus.write and self.corpus.kind == "labelmaps":
+            problems.append("corpus.kind=labelmaps is pix2pixHD's paired corpus; use model.arch=pix2pixhd, or corpus.kind=shapes|digits for stylegan2")
+        if self.mode == "genda":
+            missing = [name for name in ("source", "target") if getattr(self.genda, name) is None]
+            if missing:
+                problems.append(f"mode=genda needs {' and '.join('genda.' + m for m in missing)}: the source run's checkpoint folder and the one target image")
+            if self.genda.batch_size % self.model.mbstd_group:
+                problems.append(f"model.mbstd_group={self.model.mbstd_group} must divide genda.batch_size={self.genda.batch_size}")
         if problems:
             raise ValueError("; ".join(problems))
         return self

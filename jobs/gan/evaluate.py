@@ -108,8 +108,8 @@ def summary(report: dict) -> str:
             f"KID {report['kid']:.4f} mode_coverage {report['mode_coverage']:.2f} high_quality {report['high_quality']:.2f}")
 
 
-def write_report(report: dict, cfg: GANConfig) -> list[str]:
-    """``<out_dir>/<run name>-eval.json`` and ``-eval.png`` (FID/KID/coverage over training, losses, ADA p)."""
+def write_files(report: dict, cfg: GANConfig, draw, panels: int, title: str) -> list[str]:
+    """``<out_dir>/<run name>-eval.json`` (the config and ``report``) and ``-eval.png``, whose ``panels`` axes ``draw`` fills."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -120,29 +120,43 @@ def write_report(report: dict, cfg: GANConfig) -> list[str]:
     json_path = os.path.join(out, f"{cfg.run.name}-eval.json")
     with open(json_path, "w") as f:
         json.dump({"config": cfg.model_dump(mode="json"), **report}, f, indent=1, allow_nan=False)
-    evals, history = report["evaluations"], report.get("history", [])
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    steps = [e["step"] for e in evals]
-    axes[0].plot(steps, [e["fid"] for e in evals], "o-", label=report["metric"])
-    axes[0].axhline(report["fid_floor"], color="k", ls="--", lw=1, label="real vs real (floor)")
-    axes[0].set(title=f"{report['metric']} (N={report['num_generated']})", xlabel="step", yscale="log")
-    axes[0].legend(fontsize=7)
-    twin = axes[0].twinx()
-    twin.plot(steps, [e["mode_coverage"] for e in evals], "s--", color="tab:green", label="mode coverage")
-    twin.set(ylim=(0, 1.05), ylabel="mode coverage")
-    hsteps = [h["step"] for h in history]
-    for name in sorted({k for h in history for k in h if k.startswith("loss")}):
-        axes[1].plot(hsteps, [h.get(name, math.nan) for h in history], label=name, lw=0.8)
-    axes[1].set(title="losses", xlabel="step")
-    axes[1].legend(fontsize=7)
-    axes[2].plot(hsteps, [h.get("ada_p", math.nan) for h in history], label="ADA p")
-    axes[2].plot(hsteps, [h.get("ada_rt", math.nan) for h in history], label="r_t", alpha=0.6)
-    axes[2].axhline(cfg.ada.target, color="k", ls="--", lw=1, label="target")
-    axes[2].set(title="ADA", xlabel="step")
-    axes[2].legend(fontsize=7)
-    fig.suptitle(f"{cfg.run.name}: {summary(report)}", fontsize=9)
+    fig, axes = plt.subplots(1, panels, figsize=(4.4 * panels, 3.6))
+    draw(axes)
+    fig.suptitle(f"{cfg.run.name}: {title}", fontsize=9)
     fig.tight_layout()
     png_path = os.path.join(out, f"{cfg.run.name}-eval.png")
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
     return [json_path, png_path]
+
+
+def plot_losses(ax, history: list[dict]) -> None:
+    steps = [h["step"] for h in history]
+    for name in sorted({k for h in history for k in h if k.startswith("loss")}):
+        ax.plot(steps, [h.get(name, math.nan) for h in history], label=name, lw=0.8)
+    ax.set(title="losses", xlabel="step")
+    ax.legend(fontsize=7)
+
+
+def write_report(report: dict, cfg: GANConfig) -> list[str]:
+    """The report as JSON and a plot: FID/KID/coverage over training, losses, ADA p."""
+    evals, history = report["evaluations"], report.get("history", [])
+
+    def draw(axes) -> None:
+        steps = [e["step"] for e in evals]
+        axes[0].plot(steps, [e["fid"] for e in evals], "o-", label=report["metric"])
+        axes[0].axhline(report["fid_floor"], color="k", ls="--", lw=1, label="real vs real (floor)")
+        axes[0].set(title=f"{report['metric']} (N={report['num_generated']})", xlabel="step", yscale="log")
+        axes[0].legend(fontsize=7)
+        twin = axes[0].twinx()
+        twin.plot(steps, [e["mode_coverage"] for e in evals], "s--", color="tab:green", label="mode coverage")
+        twin.set(ylim=(0, 1.05), ylabel="mode coverage")
+        plot_losses(axes[1], history)
+        hsteps = [h["step"] for h in history]
+        axes[2].plot(hsteps, [h.get("ada_p", math.nan) for h in history], label="ADA p")
+        axes[2].plot(hsteps, [h.get("ada_rt", math.nan) for h in history], label="r_t", alpha=0.6)
+        axes[2].axhline(cfg.ada.target, color="k", ls="--", lw=1, label="target")
+        axes[2].set(title="ADA", xlabel="step")
+        axes[2].legend(fontsize=7)
+
+    return write_files(report, cfg, draw, 3, summary(report))

@@ -16,6 +16,7 @@ Runs use Ray Train's local mode (one process). Writes ``<out>/experiment.json``,
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import statistics
@@ -32,6 +33,14 @@ from labtrain.train import run
 
 console = Console()
 SCORES = ("fid", "kid", "mode_coverage", "high_quality")
+
+
+def corpus_urls(folder: str) -> str:
+    """The shards of ``folder``: those written there by an earlier run of the experiment (reused as they are:
+    delete the folder to write them anew), or a pattern wide enough for the writer to fill."""
+    written = sorted(glob.glob(os.path.join(folder, "shard-*.tar")))
+    last = len(written) - 1 if written else 999
+    return os.path.join(folder, f"shard-{{000000..{last:06d}}}.tar")
 
 
 def one_run(base: GANConfig, root: str, seed: int, arm: str) -> dict:
@@ -128,11 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     root = args.out or tempfile.mkdtemp(prefix="gan-experiment-")
     os.makedirs(root, exist_ok=True)
-    common = [f"eval.urls={root}/data/eval/shard-{{000000..000999}}.tar", "corpus.write=true", *args.overrides]
-    limited = prepare(load_config(GANConfig, args.config, [f"data.urls={root}/data/train/shard-{{000000..000999}}.tar", f"corpus.num_images={args.images}", *common]))
+    common = [f"eval.urls={corpus_urls(root + '/data/eval')}", "corpus.write=true", *args.overrides]
+    limited = prepare(load_config(GANConfig, args.config, [f"data.urls={corpus_urls(root + '/data/train')}", f"corpus.num_images={args.images}", *common]))
     bases = {"ada": limited, "insgen": limited}
     if "oracle" in args.arms:  # the same held-out set and extractor; more training images of the same corpus
-        bases["oracle"] = prepare(load_config(GANConfig, args.config, [f"data.urls={root}/data/train-oracle/shard-{{000000..000999}}.tar",
+        bases["oracle"] = prepare(load_config(GANConfig, args.config, [f"data.urls={corpus_urls(root + '/data/train-oracle')}",
                                                                          f"corpus.num_images={args.oracle_images}", *common, f"eval.urls={limited.eval.urls}"]))
     # every arm takes the same number of steps (one process: batch data.batch_size); the oracle's epochs shrink with its larger set
     steps = limited.epochs * (args.images // limited.data.batch_size)
@@ -151,16 +160,21 @@ def main(argv: list[str] | None = None) -> int:
         table.add_row(arm, str(s["seeds"]), f"{s['fid'][0]:.2f} ± {s['fid'][1]:.2f}", f"{s['kid'][0]:.3f} ± {s['kid'][1]:.3f}",
                       f"{s['mode_coverage'][0]:.2f} ± {s['mode_coverage'][1]:.2f}", f"{s['high_quality'][0]:.2f} ± {s['high_quality'][1]:.2f}")
     console.print(table)
-    md = markdown(summary, rows, args.images, args.oracle_images)
-    console.print(md)
-    with open(os.path.join(root, "experiment.json"), "w") as f:
-        json.dump({"runs": rows, "summary": summary, "config": limited.model_dump(mode="json")}, f, indent=1)
-    with open(os.path.join(root, "experiment.md"), "w") as f:
-        f.write(md + "\n")
-    plot(rows, summary, os.path.join(root, "experiment.png"))
-    console.print(f"wrote {root}/experiment.json, experiment.md and experiment.png")
-    print(json.dumps({"summary": summary}))
+    write_outputs(os.path.join(root, "experiment"), rows, summary, limited, markdown(summary, rows, args.images, args.oracle_images), plot)
     return 0
+
+
+def write_outputs(stem: str, rows: list[dict], summary: dict, cfg: GANConfig, md: str, draw) -> None:
+    """Print the table; write ``<stem>.json`` (runs, summary, config), ``.md`` and ``.png`` (``draw(rows, summary, path)``);
+    the summary as the last line of output (one JSON line)."""
+    console.print(md)
+    with open(stem + ".json", "w") as f:
+        json.dump({"runs": rows, "summary": summary, "config": cfg.model_dump(mode="json")}, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(md + "\n")
+    draw(rows, summary, stem + ".png")
+    console.print(f"wrote {stem}.json, .md and .png")
+    print(json.dumps({"summary": summary}))
 
 
 if __name__ == "__main__":

@@ -156,6 +156,15 @@ class Phases:
 
 
 def train(session: Session, cfg: GANConfig) -> None:
+    """One worker's run: StyleGAN2 (+ ADA, InsGen) here; pix2pixHD and GenDA in their modules."""
+    if cfg.model.arch == "pix2pixhd":
+        from jobs.gan.pix2pixhd import train as train_pix2pixhd
+
+        return train_pix2pixhd(session, cfg)
+    if cfg.mode == "genda":
+        from jobs.gan.genda import train as train_genda
+
+        return train_genda(session, cfg)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     data = session.data(cfg.data, decoder=ImageDecoder(cfg.images))
     batch = cfg.data.batch_size * session.world_size

@@ -53,3 +53,37 @@ def test_a_killed_worker_resumes_and_the_run_continues_exactly(ray_cluster, tmp_
         for key in ("loss_generator", "loss_discriminator", "loss_real_id", "loss_fake_id", "loss_g_diversity", "ada_p", "fake_score"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), f"step {a['step']} {key}"
     assert got["fid"] == pytest.approx(want["fid"], rel=1e-5) and got["kid"] == pytest.approx(want["kid"], rel=1e-4, abs=1e-6)
+
+
+P2P = ["model.arch=pix2pixhd", "corpus.kind=labelmaps", "corpus.num_images=32", "corpus.eval_images=64", "corpus.samples_per_shard=16", "images.resolution=16",
+       "pix2pixhd.ngf=8", "pix2pixhd.ndf=8", "pix2pixhd.n_downsample=2", "pix2pixhd.n_blocks=1", "data.batch_size=4", "data.shuffle_buffer=16",
+       "eval.every=6", "epochs=3", "checkpoint_every=3", "run.log_every=2", "corpus.write=true"]
+
+
+@pytest.mark.slow
+def test_pix2pixhd_through_the_queue_and_a_killed_worker_continues_exactly(ray_cluster, tmp_path):
+    """pix2pixHD's reference run through the lab queue; the same run through `ray job submit` with rank 1 SIGKILLed
+    at step 10 restarts from a checkpoint (G, D, both optimizers and their lr schedules, RNG, data position) and
+    gives the same losses at every step and the same held-out L1/PSNR."""
+    from tests.train.test_submit import _submit_follow
+
+    paths = [f"data.urls={tmp_path}/train/shard-{{000000..000001}}.tar", f"eval.urls={tmp_path}/eval/shard-{{000000..000003}}.tar",
+             f"run.storage_path={tmp_path}/ckpt", f"out_dir={tmp_path}/out"]
+    reference, out = _submit_follow(ray_cluster, tmp_path, ["jobs/gan/configs/pix2pixhd-tiny.yaml", "--job", "jobs.gan", "--workers", "2", *P2P, *paths])
+    assert "evaluation: pix2pixHD L1" in out and "step 12/12 (100%)" in out
+    want = json.loads((tmp_path / "out" / f"{reference}-eval.json").read_text())
+    assert want["steps"] == 12 and want["workers"] == 2 and [e["step"] for e in want["evaluations"]] == [6, 12]
+    assert want["num_scored"] == 32 and 0 < want["l1"] < 1 and (tmp_path / "out" / f"{reference}-samples-000012.png").exists()
+
+    drilled = f"p2p-{uuid.uuid4().hex[:6]}"
+    proc = ray_job_submit(ray_cluster, ["python", "-m", "jobs.gan", "--config", "jobs/gan/configs/pix2pixhd-tiny.yaml", *P2P, *paths,
+                                        f"run.name={drilled}", "run.kill_worker_at_step=10", "run.max_failures=1"])
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "evaluation: pix2pixHD L1" in out, out[-5000:]
+    got = json.loads((tmp_path / "out" / f"{drilled}-eval.json").read_text())
+    assert got["resumed_from"] in ([3], [6], [9]), "the killed run restarted once, from a checkpoint before the kill"
+    assert [h["step"] for h in got["history"]] == list(range(1, 13))
+    for a, b in zip(got["history"], want["history"]):
+        for key in ("loss_generator", "loss_feature_matching", "loss_discriminator", "loss_discriminator_real"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), f"step {a['step']} {key}"
+    assert got["l1"] == pytest.approx(want["l1"], rel=1e-5) and got["psnr"] == pytest.approx(want["psnr"], rel=1e-5)
