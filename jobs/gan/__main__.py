@@ -27,6 +27,10 @@ def prepare(cfg: GANConfig) -> GANConfig:
         what=f"held-out {c.kind} images",
     )
     cfg = cfg.model_copy(update={"data": train_data, "eval": cfg.eval.model_copy(update={"urls": eval_data.urls})})
+    if cfg.mode == "genda":  # a readable target and a source checkpoint that fits, before any worker starts
+        from jobs.gan.genda import prepare_genda
+
+        return prepare_genda(cfg)
     if cfg.model.arch == "pix2pixhd":
         print("metric: pix2pixHD's L1 and PSNR to the ground truth on the second half of the held-out pairs (no FID_domain: the extractor is StyleGAN2's)", flush=True)
         return cfg
@@ -40,6 +44,12 @@ def prepare(cfg: GANConfig) -> GANConfig:
 
 def report(cfg: GANConfig, result) -> None:
     out = cfg.out_dir
+    if cfg.mode == "genda":
+        stem = os.path.join(out, cfg.run.name + "-genda")
+        print(f"adapted generator: {stem}-generator.pt (jobs.gan.genda.load_adapted reads it)")
+        print(f"losses: {stem}.json")
+        print(f"samples: {stem}-samples.png")
+        return
     if "fid" in result.metrics:
         print(f"evaluation: {evaluate.summary(result.metrics)}")
     if "psnr" in result.metrics:
