@@ -14,16 +14,6 @@ from jobs.gan.config import GANConfig
 from labtrain.config import ConfigError, RunConfig
 from labtrain.train.strategies import DDPStrategy
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tiny models take 10 ms a step on one thread; two threads on a busy 2-core machine took 100x longer."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 TINY = {"z_dim": 8, "w_dim": 8, "g_channels": 16, "d_channels": 16, "min_channels": 8}
 
 
