@@ -170,12 +170,13 @@ class GANConfig(Config):
         if self.data.batch_size % self.model.mbstd_group:
             problems.append(f"model.mbstd_group={self.model.mbstd_group} must divide data.batch_size={self.data.batch_size} (each rank's batch)")
         if run.strategy != "ddp":
-            problems.append(
-                f"run.strategy={run.strategy}: the GAN job runs on ddp only. Its lazy R1 differentiates D's gradient (a double backward), and "
-                "its G phase reads D without updating it; DeepSpeed engines and Accelerate's wrapped models are not built for either. Use run.strategy=ddp"
-            )
+            why = ("its G phase reads D's plain module with D frozen, and D's step scores the same pairs" if self.model.arch == "pix2pixhd" else
+                   "its lazy R1 differentiates D's gradient (a double backward), and its G phase reads D without updating it")
+            problems.append(f"run.strategy={run.strategy}: the GAN job runs on ddp only: {why}; DeepSpeed's engines (whose ZeRO stages partition "
+                            "the parameters a plain module would read) and Accelerate's wrapped models are not built for that. Use run.strategy=ddp")
         if run.precision != "fp32":
-            problems.append(f"run.precision={run.precision}: the GAN job trains in fp32 (R1's gradient penalty under bf16 autocast is not validated). Use run.precision=fp32")
+            what = "LSGAN and feature matching" if self.model.arch == "pix2pixhd" else "R1's gradient penalty"
+            problems.append(f"run.precision={run.precision}: the GAN job trains in fp32 ({what} under bf16 autocast is not validated). Use run.precision=fp32")
         if run.accumulate_batches != 1:
             problems.append("run.accumulate_batches must be 1: each minibatch is a G step and a D step")
         if self.eval.extractor == "inception" and not self.eval.inception_weights:
