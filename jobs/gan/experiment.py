@@ -8,7 +8,8 @@ Arms, each seed, the same corpus and the same FID_domain extractor (one file, na
 - the real-vs-real floor (held-out real images at the same N): what a perfect generator scores.
 Reported: FID_domain, KID, mode coverage and the high-quality share per arm (mean ± sd over seeds), and the
 paired InsGen/ADA FID ratio and difference per seed (goal: InsGen <= 0.8x the baseline's FID_domain).
-Runs use Ray Train's local mode (one process). Writes ``<out>/experiment.json``, ``.md`` and ``.png``.
+Runs use Ray Train's local mode (one process); a run whose report with the same config is in ``<out>/out`` is
+not run again. Writes ``<out>/experiment.json``, ``.md`` and ``.png``.
 
     python -m jobs.gan.experiment --config jobs/gan/configs/tiny.yaml --seeds 0 1 2 [key=value ...]
 """
@@ -43,6 +44,17 @@ def corpus_urls(folder: str) -> str:
     return os.path.join(folder, f"shard-{{000000..{last:06d}}}.tar")
 
 
+def finished(cfg: GANConfig) -> dict | None:
+    """The report of a run of exactly this config that already ended (an interrupted experiment goes on where it
+    stopped; seeds run as separate processes into one folder are summarised by one more run over all of them)."""
+    path = os.path.join(cfg.out_dir, f"{cfg.run.name}-eval.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        report = json.load(f)
+    return report if report.get("config") == cfg.model_dump(mode="json") else None
+
+
 def one_run(base: GANConfig, root: str, seed: int, arm: str) -> dict:
     name = f"exp-{arm}-s{seed}"
     cfg = base.model_copy(update={
@@ -52,11 +64,12 @@ def one_run(base: GANConfig, root: str, seed: int, arm: str) -> dict:
         "run": base.run.model_copy(update={"num_workers": 0, "name": name, "storage_path": os.path.join(root, "ckpt")}),
         "out_dir": os.path.join(root, "out"),
     })
-    result = run(train, cfg, cfg.run, kind="gan")
-    if result.error is not None:
-        raise RuntimeError(f"run {name} failed: {result.error}")
-    with open(os.path.join(root, "out", f"{name}-eval.json")) as f:
-        report = json.load(f)
+    report = finished(cfg)
+    if report is None:
+        result = run(train, cfg, cfg.run, kind="gan")
+        if result.error is not None:
+            raise RuntimeError(f"run {name} failed: {result.error}")
+        report = finished(cfg)
     return {"seed": seed, "arm": arm, **{k: report[k] for k in SCORES}, "fid_floor": report["fid_floor"], "kid_floor": report["kid_floor"],
             "metric": report["metric"], "num_generated": report["num_generated"], "fid_curve": [[e["step"], e["fid"]] for e in report["evaluations"]]}
 

@@ -16,7 +16,6 @@ report with the same config is in ``<out>/out`` is not run again, so an interrup
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -28,7 +27,7 @@ from rich.progress import track
 from jobs.gan import data
 from jobs.gan.__main__ import prepare
 from jobs.gan.config import GANConfig
-from jobs.gan.experiment import corpus_urls, write_outputs
+from jobs.gan.experiment import corpus_urls, finished, write_outputs
 from jobs.gan.pix2pixhd import l1_psnr, load_pairs
 from jobs.gan.train import train
 from labtrain.config import load_config
@@ -55,16 +54,6 @@ def one_run(base: GANConfig, root: str, seed: int, arm: str) -> dict:
         report = finished(cfg)
     return {"seed": seed, "arm": arm, "l1": report["l1"], "psnr": report["psnr"], "baseline_l1": report["baseline_l1"],
             "baseline_psnr": report["baseline_psnr"], "num_scored": report["num_scored"], "curve": [[e["step"], e["psnr"]] for e in report["evaluations"]]}
-
-
-def finished(cfg: GANConfig) -> dict | None:
-    """The report of a run of exactly this config that already ended (an interrupted experiment goes on where it stopped)."""
-    path = os.path.join(cfg.out_dir, f"{cfg.run.name}-eval.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        report = json.load(f)
-    return report if report.get("config") == cfg.model_dump(mode="json") else None
 
 
 def oracle(cfg: GANConfig) -> dict:

@@ -139,3 +139,24 @@ def test_every_pix2pixhd_signal_is_a_metric_name_promtool_accepts():
     for name in signals:
         Gauge(_metric_name("gan", name), f"gan job: {name} (session.log).", ["job"], registry=registry).labels("x").set(1.0)
     promtool_check(generate_latest(registry).decode())
+
+
+def test_the_ablation_pairs_each_arm_with_full_on_the_same_seed_and_reuses_only_a_run_of_the_same_config(tmp_path):
+    import json
+
+    from jobs.gan.experiment import finished
+    from jobs.gan.pix2pixhd_experiment import markdown, summarize
+
+    rows = [{"arm": arm, "seed": seed, "l1": l1, "psnr": psnr, "baseline_l1": 0.04, "baseline_psnr": 25.0, "num_scored": 100}
+            for arm, seed, l1, psnr in (("full", 0, 0.05, 22.0), ("full", 1, 0.04, 24.0), ("no_fm", 0, 0.06, 21.0), ("no_fm", 1, 0.05, 22.0))]
+    summary = summarize(rows, {"l1": 0.01, "psnr": 38.0})
+    assert summary["no_fm_minus_full"]["per_seed_psnr"] == [-1.0, -2.0]
+    assert summary["no_fm_minus_full"]["psnr"][0] == pytest.approx(-1.5) and summary["no_fm_minus_full"]["l1"][0] == pytest.approx(0.01)
+    assert summary["arms"]["full"]["psnr"][0] == pytest.approx(23.0) and "one_scale" not in summary["arms"]
+    assert "| oracle (the renderer without noise) | - | - | - | 0.0100 | 38.00 |" in markdown(summary, rows)
+
+    cfg = GANConfig(data={"urls": "x/shard-000000.tar"}, eval={"urls": "y/shard-000000.tar"}, out_dir=str(tmp_path), run={"name": "r"})
+    assert finished(cfg) is None
+    (tmp_path / "r-eval.json").write_text(json.dumps({"config": cfg.model_dump(mode="json"), "l1": 0.1}))
+    assert finished(cfg)["l1"] == 0.1
+    assert finished(cfg.model_copy(update={"seed": 1})) is None, "a report of another config is not reused"
