@@ -367,23 +367,24 @@ class Store:
 
     # -- the scheduler's view ----------------------------------------------------------------------------
     def snapshot(self, now: float, half_life_s: float) -> tuple[dict[str, UserShare], dict[str, Quota], list[Running], list[Waiting]]:
+        """What the scheduler reads, once a cycle: plain tuples unpacked (a Row's named access cost 7 of the 9 ms that
+        800 waiting jobs took, time the API's requests waited behind in the same process)."""
+        u, g, c = users_t.c, groups_t.c, jobs_t.c  # only the columns the scheduler reads (no JSON to decode)
         with self.engine.connect() as conn:
-            users = {
-                r.name: UserShare(r.name, r.grp, r.share, decay(r.usage, now - r.usage_at, half_life_s), Quota(r.quota_gpus, r.quota_cpus, r.quota_jobs))
-                for r in conn.execute(sa.select(users_t))
-            }
-            groups = {r.name: Quota(r.quota_gpus, r.quota_cpus, r.quota_jobs) for r in conn.execute(sa.select(groups_t))}
-            running, waiting = [], []
-            c = jobs_t.c  # only what the scheduler reads (no JSON to decode)
-            needed = (c.id, c.user, c.state, c.priority, c.submitted_at, c.started_at, c.workers, c.cpus_per_worker, c.gpus_per_worker,
-                      c.memory_gb_per_worker, c.time_limit_s)
-            for r in conn.execute(sa.select(*needed).where(c.state.in_([WAITING, *HOLDING]))):
-                memory = r.workers * (r.memory_gb_per_worker or 0.0) * GIB
-                cpus, gpus = r.workers * r.cpus_per_worker, r.workers * r.gpus_per_worker
-                if r.state == WAITING:
-                    waiting.append(Waiting(r.id, r.user, PRIORITIES[r.priority], r.submitted_at, cpus, gpus, memory, r.time_limit_s))
-                else:
-                    running.append(Running(r.id, r.user, PRIORITIES[r.priority], r.started_at or now, cpus, gpus, memory, r.time_limit_s, stopping=r.state in (PREEMPTING, CANCELLING)))
+            users = {name: UserShare(name, grp, share, decay(usage, now - usage_at, half_life_s), Quota(qg, qc, qj))
+                     for name, grp, share, usage, usage_at, qg, qc, qj in conn.execute(
+                         sa.select(u.name, u.grp, u.share, u.usage, u.usage_at, u.quota_gpus, u.quota_cpus, u.quota_jobs)).fetchall()}
+            groups = {name: Quota(qg, qc, qj) for name, qg, qc, qj in conn.execute(sa.select(g.name, g.quota_gpus, g.quota_cpus, g.quota_jobs)).fetchall()}
+            rows = conn.execute(sa.select(c.id, c.user, c.state, c.priority, c.submitted_at, c.started_at, c.workers, c.cpus_per_worker, c.gpus_per_worker,
+                                          c.memory_gb_per_worker, c.time_limit_s).where(c.state.in_([WAITING, *HOLDING]))).fetchall()
+        running, waiting = [], []
+        for job_id, user, state, priority, submitted_at, started_at, workers, cpus_per_worker, gpus_per_worker, memory_gb, limit_s in rows:
+            memory = workers * (memory_gb or 0.0) * GIB
+            if state == WAITING:
+                waiting.append(Waiting(job_id, user, PRIORITIES[priority], submitted_at, workers * cpus_per_worker, workers * gpus_per_worker, memory, limit_s))
+            else:
+                running.append(Running(job_id, user, PRIORITIES[priority], started_at or now, workers * cpus_per_worker, workers * gpus_per_worker, memory, limit_s,
+                                       stopping=state in (PREEMPTING, CANCELLING)))
         return users, groups, running, waiting
 
 
