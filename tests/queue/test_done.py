@@ -70,7 +70,8 @@ def test_queue_job_id_of_each_attempts_submission():
 def test_waiting_jobs_are_shown_in_the_last_cycles_scheduling_order():
     from labtrain.queue.api import _in_scheduling_order
 
-    jobs = [{"id": i, "submitted_at": t} for i, t in (("a", 1.0), ("b", 2.0), ("c", 3.0), ("new", 4.0), ("newer", 5.0))]
-    order = {"c": 0, "x-started-meanwhile": 1, "a": 2, "b": 3}  # the plan put c first (priority or fair share)
-    shown = _in_scheduling_order(jobs, order)
-    assert [(j["id"], j["position"]) for j in shown] == [("c", 1), ("a", 2), ("b", 3), ("new", None), ("newer", None)]
+    jobs = [{"id": i, "submitted_at": t} for i, t in (("a", 1.0), ("b", 2.0), ("c", 3.0), ("new", 4.0), ("newer", 5.0))]  # one user's
+    order = {"c": 0, "x-started-meanwhile": 1, "bobs": 2, "a": 3, "b": 4}  # the plan put c first (priority or fair share)
+    waiting_now = {"a", "b", "c", "new", "newer", "bobs"}  # every user's, as the store holds them now
+    shown = _in_scheduling_order(jobs, order, waiting_now)
+    assert [(j["id"], j["position"]) for j in shown] == [("c", 1), ("a", 3), ("b", 4), ("new", None), ("newer", None)]  # a waits behind bob's job

@@ -78,9 +78,22 @@ def test_page_shows_a_running_job_on_a_live_cluster(make_server, ray_cluster, tm
         assert "1 running, 0 waiting" in dom and "cluster 4 CPUs, 0 GPUs" in dom
         (row,) = cells(dom, "running")
         assert row[:7] == [jid, "alice", "RUNNING", "tests.queue.sleepjob", "normal", "2", "0"]
+
+        # Where is my job: its place counts every user's waiting jobs, though alice sees only her own.
+        bobs = server.client("bob").post("/api/v1/jobs", json=server.sleep_spec("page-bob", workers=4)).json()["id"]
+        placed = lambda client, job: any(j["id"] == job and j["position"] for j in client.get("/api/v1/summary").json()["waiting"])  # noqa: E731
+        wait_for(lambda: placed(server.client("admin"), bobs), 30, what="a cycle to place bob's job")
+        mine = alice.post("/api/v1/jobs", json=server.sleep_spec("page-wait", workers=4)).json()["id"]
+        wait_for(lambda: placed(alice, mine), 30, what="a cycle to place alice's job")
+        dom = render(f"{server.url}/#token={TOKENS['alice']}", tmp_path / "queued")
+        assert "1 running, 1 waiting (2 in the queue)" in dom
+        (row,) = cells(dom, "waiting")
+        assert row[0] == mine and row[-1] == "2 of 2", row  # behind bob's job (alice also holds CPUs: fair share agrees)
     finally:
-        alice.post(f"/api/v1/jobs/{jid}/cancel")
-        wait_states(alice, [jid], states=("CANCELLED",), timeout_s=60)  # leave no Ray job behind
+        jobs = [j["id"] for j in server.client("admin").get("/api/v1/jobs", params={"all": True}).json()]
+        for j in jobs:
+            server.client("admin").post(f"/api/v1/jobs/{j}/cancel")
+        wait_states(server.client("admin"), jobs, states=("CANCELLED",), timeout_s=60)  # leave no Ray job behind
 
 
 def test_page_job_view_history_and_controls(make_server, tmp_path):

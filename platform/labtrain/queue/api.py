@@ -268,17 +268,20 @@ def create_app(settings: Settings, *, run_dispatcher: bool = True) -> FastAPI:
 
     @app.get("/api/v1/summary")
     def summary(me: dict = Depends(user)) -> dict:
-        """What the web page shows: your (an admin: every) waiting and running job, every user's share and usage
+        """What the web page shows: your (an admin: every) waiting and running job, each waiting one with its
+        ``position`` among every user's waiting jobs (``waiting_total`` of them), every user's share and usage
         (decayed, and charged per UTC day over the last 14 days, today last)."""
         now = time.time()
         owner = None if me["admin"] else me["name"]
         rows = service.store.jobs(user=owner, states=[st.WAITING, *st.HOLDING], limit=2000)
-        shares, _, _, _ = service.store.snapshot(now, settings.half_life_s)
+        shares, _, _, everyone_waiting = service.store.snapshot(now, settings.half_life_s)
         factors = fair_share_factors(shares)
         by_day = service.store.usage_by_day(now, 14)
+        waiting_now = {w.id for w in everyone_waiting}
         return {
             "me": me["name"], "admin": bool(me["admin"]), "now": now,
-            "waiting": _in_scheduling_order([_public(r) for r in rows if r["state"] == st.WAITING], service.dispatcher.wait_order),
+            "waiting": _in_scheduling_order([_public(r) for r in rows if r["state"] == st.WAITING], service.dispatcher.wait_order, waiting_now),
+            "waiting_total": len(waiting_now),  # every user's: the places above count them
             "running": [_public(r) for r in rows if r["state"] != st.WAITING],
             "users": [{"name": u.name, "group": u.group, "share": u.share, "usage": u.usage, "fair_share": factors[u.name],
                        "usage_by_day": by_day.get(u.name, [0.0] * 14)} for u in shares.values()],
@@ -306,13 +309,15 @@ def create_app(settings: Settings, *, run_dispatcher: bool = True) -> FastAPI:
     return app
 
 
-def _in_scheduling_order(jobs: list[dict], order: dict[str, int]) -> list[dict]:
-    """Waiting jobs in the order the last scheduling cycle considered them (``position`` 1 starts next; None:
-    submitted since that cycle, shown last)."""
-    ranked = sorted(order.get(j["id"], len(order)) for j in jobs)
+def _in_scheduling_order(jobs: list[dict], order: dict[str, int], waiting_now: set[str]) -> list[dict]:
+    """Waiting jobs in the order the last scheduling cycle considered them, each with its ``position`` in the whole
+    queue: 1 starts next, counting every user's jobs still waiting (``waiting_now``), not jobs that started since
+    that cycle, nor only the jobs shown (a user sees their own; "1" must not mean "first of yours"); None:
+    submitted since that cycle, shown last."""
+    ranked = sorted(order[job_id] for job_id in waiting_now if job_id in order)
     positions = {rank: i + 1 for i, rank in enumerate(ranked)}
     for j in jobs:
-        j["position"] = positions[order[j["id"]]] if j["id"] in order else None
+        j["position"] = positions.get(order[j["id"]]) if j["id"] in order else None
     return sorted(jobs, key=lambda j: (j["position"] is None, j["position"] or 0, j["submitted_at"]))
 
 
