@@ -51,6 +51,7 @@ def test_sign_in_follow_a_running_jobs_log_and_cancel_it(make_server, ray_cluste
         expect(page.locator("#waiting tbody td").last).to_have_text("1 of 1")  # next to start, of every user's waiting jobs
         expect(page.locator("#waiting tbody")).to_contain_text("waiting for CPUs to free up")  # why it waits
         expect(page.locator("#cluster tbody tr")).to_have_count(2, timeout=15_000)  # the 2 nodes, read once the page asks
+        expect(page.locator("#cluster-age")).to_contain_text("s ago")  # how old the nodes' view is
         expect(page.locator("#history tbody")).to_contain_text(done)
         page.screenshot(path=str(ARTIFACTS / "queue.png"), full_page=True)
 
