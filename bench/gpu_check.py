@@ -8,7 +8,9 @@ started by the job) and records its exit status, wall time and the figures its l
 - ``shared-gpu``: the shapes job with 2 workers on one GPU (``gpus_per_worker=0.5``: gloo, both on device 0);
 - ``video-ssl``: the video SSL job at the papers' clip size (16 frames at 112x112, R3D-18) on 1 GPU from a
   synthetic .mp4 corpus: clips/s and the data-wait share of a step, with ``--loader-workers`` dataloader workers;
-- ``nas-fractional``: a live NAS search with 4 trials sharing one GPU (``gpus_per_trial=0.25``, memory capped).
+- ``nas-fractional``: a live NAS search with 4 trials sharing one GPU (``gpus_per_trial=0.25``, memory capped);
+- ``gan-64``: the GAN job's 64x64 preset (``jobs/gan/configs/base64.yaml``, StyleGAN2 + ADA, fp32 with TF32) for
+  8 epochs of its 2,000 images on 1 GPU: images/s (issue 14's GPU figure) and the data-wait share.
 
 ``--cpu`` runs the same checks with no GPU at CPU sizes (what the tests' machine can do: it proves the script,
 not the GPU path). ``--only NAME ...`` picks checks. About 8 minutes on one H200 (estimated; not yet run on one).
@@ -27,7 +29,7 @@ import sys
 import tempfile
 import time
 
-CHECKS = ("vatt-ddp", "vatt-deepspeed", "vatt-accelerate", "shared-gpu", "video-ssl", "nas-fractional")
+CHECKS = ("vatt-ddp", "vatt-deepspeed", "vatt-accelerate", "shared-gpu", "video-ssl", "nas-fractional", "gan-64")
 
 
 def commands(name: str, root: str, cpu: bool, loader_workers: int) -> list[str]:
@@ -54,6 +56,13 @@ def commands(name: str, root: str, cpu: bool, loader_workers: int) -> list[str]:
         share = ["trials.gpus_per_trial=0"] if cpu else ["trials.gpus_per_trial=0.25"]
         return ["-m", "jobs.nas", "--config", "jobs/nas/configs/nb201_live.yaml", "evaluator.input.write_synthetic=true", f"output={root}/nas",
                 "search.methods=[random]", "search.budget=8", "trials.max_concurrent=4", *share]
+    if name == "gan-64":
+        size = ["images.resolution=16", "model.z_dim=64", "model.w_dim=64", "model.g_channels=64", "model.d_channels=64", "model.min_channels=16",
+                "corpus.num_images=64", "corpus.eval_images=128", "eval.num_generated=64", "eval.extractor_steps=20", "eval.kid_subset_size=32",
+                "data.batch_size=16", "data.num_workers=0", "run.gpus_per_worker=0", "run.cpus_per_worker=1", "epochs=2"] if cpu else ["epochs=8", "eval.num_generated=2000"]
+        return ["-m", "jobs.gan", "--config", "jobs/gan/configs/base64.yaml", "corpus.write=true", f"data.urls={root}/gan/train/shard-{{000000..{19 if not cpu else 0:06d}}}.tar",
+                f"eval.urls={root}/gan/eval/shard-{{000000..{19 if not cpu else 1:06d}}}.tar", f"run.storage_path={root}/ckpt", f"out_dir={root}/gan-out",
+                "run.name=gan-64", *size]
     raise ValueError(name)
 
 
@@ -65,6 +74,8 @@ def figures(name: str, log: str) -> dict:
         out["samples_per_s"] = round(sum(rates) / len(rates), 1)
         out["data_wait_share"] = round(sum(int(p[3]) for p in progress[1:] or progress) / len(progress[1:] or progress) / 100, 3)
         out["steps"] = int(progress[-1][0])
+    if name == "gan-64" and "samples_per_s" in out:
+        out["images_per_s"] = out["samples_per_s"]
     if name == "video-ssl" and "samples_per_s" in out:
         out["clips_per_s"] = round(2 * out["samples_per_s"], 1)  # a sample is a slow and a fast clip
     match = re.search(r"(\w+): (\d+) done, (\d+) failed", log)
