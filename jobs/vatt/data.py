@@ -57,7 +57,8 @@ class Corpus:
         audio = (self.chords[y] + self.syn.style_strength * self.overtones[s] + noise * rng.normal(size=m.audio_samples)).astype(np.float16)
         pools = (self.class_words[y], self.style_words[s], self.common_words)
         source = rng.choice(3, (m.text_candidates, m.text_len), p=self.syn.text_mix)  # class words, style words, common words
-        text = np.array([[rng.choice(pools[i]) for i in row] for row in source], dtype=np.int16)  # (candidates, words)
+        ids = np.uint16 if m.vocab_size <= 1 << 16 else np.int32  # Base's 2**16 words overflow int16
+        text = np.array([[rng.choice(pools[i]) for i in row] for row in source], dtype=ids)  # (candidates, words)
         return video_u8, audio, text
 
 

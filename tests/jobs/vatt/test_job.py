@@ -67,6 +67,19 @@ def test_bad_triplets_are_skipped_by_name_and_counted(tmp_path, caplog):
         assert bad["__key__"] in text
 
 
+def test_word_ids_of_base_vocabulary_survive_the_shards(tmp_path):
+    """Base's 2**16 words: ids above 32,767 used to overflow the corpus' int16 text arrays before a shard was written."""
+    model = ModelConfig(frame_size=8, video_patch=(2, 4), vocab_size=1 << 16)
+    written = list(vatt_data.samples(SyntheticConfig(num_samples=16, misaligned=0.0), model))
+    pattern = write_shards(written, str(tmp_path), max_samples=8, progress=False)
+    stream = DataStream(DataConfig(urls=pattern, batch_size=16, shuffle_buffer=0), decoder=vatt_data.TripletDecoder(model), transform=vatt_data.to_tensors, rank=0, world_size=1)
+    (batch,) = list(stream)
+    by_key = {s["__key__"]: s["text.npy"].astype(np.int64) for s in written}
+    expected = np.stack([by_key[k] for k in batch["__key__"]])  # in the stream's order
+    assert expected.max() > 32_767 and stream.skipped_samples == 0
+    assert np.array_equal(batch["text"].numpy(), expected)
+
+
 def small_cfg(tmp_path, *extra: str) -> VattConfig:
     name = f"vatt-{uuid.uuid4().hex[:6]}"
     overrides = [*SMALL, f"run.name={name}", f"data.urls={tmp_path}/train/shard-{{000000..000003}}.tar",
