@@ -33,6 +33,13 @@ from labtrain import storage
 log = logging.getLogger("jobs.nas")
 
 trial_task = ray.remote(run_trial)
+# A trial on a GPU runs in a fresh worker process: Ray sets max_calls=1 only for a decorator's num_gpus (.options
+# cannot), and a reused process would keep the last trial's cached GPU memory and its first device.
+gpu_trial_task = ray.remote(max_calls=1)(run_trial)
+
+
+def trial_function(t: TrialsConfig):
+    return gpu_trial_task if t.gpus_per_trial > 0 else trial_task
 
 
 class StateError(ValueError):
@@ -128,7 +135,7 @@ class MethodRun:
         if self.record["searcher"] is not None:
             self.searcher.load_state_dict(self.record["searcher"])
         self.in_flight: dict[ray.ObjectRef, dict] = {}
-        self.task = trial_task.options(**_options(cfg.trials))
+        self.task = trial_function(cfg.trials).options(**_options(cfg.trials))
 
     def finished(self) -> list[dict]:
         return [t for t in self.record["trials"] if t["status"] != "pending"]

@@ -183,3 +183,16 @@ def test_failed_trials_are_recorded_and_a_slow_trial_does_not_hold_the_search(ra
     assert slowest["seconds"] >= 20
     assert slowest["n"] >= 25, "the search waited for the slow trial"  # it finished among the last, not in order
     assert -1 <= sample(metrics.registry, "labtrain_nas_predictor_rank_correlation", job="flaky") <= 1  # set: WeakNAS reported one
+
+
+def test_a_trial_on_a_gpu_gets_a_fresh_worker_process():
+    """Ray sets max_calls=1 only for a decorator's num_gpus, not for .options(num_gpus=...): GPU trials take the
+    function declared with it, so no trial inherits the last one's CUDA memory; CPU trials keep reusing workers.
+    (That the process is fresh on a GPU is Ray's behaviour for max_calls=1; no GPU here to show it.)"""
+    from jobs.nas.config import TrialsConfig
+    from jobs.nas.run import trial_function
+
+    assert trial_function(TrialsConfig(gpus_per_trial=0.25))._default_options.get("max_calls") == 1
+    assert trial_function(TrialsConfig(gpus_per_trial=1))._default_options.get("max_calls") == 1
+    assert trial_function(TrialsConfig(gpus_per_trial=0)) is not trial_function(TrialsConfig(gpus_per_trial=1))
+    assert trial_function(TrialsConfig(gpus_per_trial=0))._default_options.get("max_calls") is None
