@@ -78,7 +78,7 @@ def peak_bf16_tflops(device_name: str) -> float | None:
 
 
 def commands(name: str, root: str, cpu: bool, loader_workers: int) -> list[str]:
-    gpu = [] if cpu else ["run.gpus_per_worker=1", "run.precision=bf16"]
+    gpu = ["run.precision=bf16"] if cpu else ["run.gpus_per_worker=1", "run.precision=bf16"]  # CPU autocast runs bf16 too
     if name in ("vatt-ddp", "vatt-deepspeed", "vatt-accelerate"):
         strategy = name.split("-", 1)[1]
         return ["-m", "jobs.vatt", "--config", "jobs/vatt/configs/tiny.yaml", "synthetic.write=true", f"data.urls={root}/vatt/train/shard-{{000000..000007}}.tar",
@@ -86,7 +86,7 @@ def commands(name: str, root: str, cpu: bool, loader_workers: int) -> list[str]:
                 "run.num_workers=1", f"run.strategy={strategy}", "epochs=1", *gpu]
     if name == "vatt-base":
         config, size = vatt_base_config(cpu)
-        device = ["run.cpus_per_worker=1", "run.gpus_per_worker=0", "data.num_workers=0", "run.strategy=deepspeed", "run.zero_stage=1"] if cpu else \
+        device = ["run.cpus_per_worker=1", "run.gpus_per_worker=0", "data.num_workers=0", "run.strategy=deepspeed", "run.zero_stage=1", "run.precision=bf16"] if cpu else \
             [f"run.cpus_per_worker={loader_workers}", "run.gpus_per_worker=1", f"data.num_workers={loader_workers}", "run.precision=bf16"]
         return ["-m", "jobs.vatt", "--config", config, "synthetic.write=true", f"data.urls={root}/vatt-base/train/shard-{{000000..000{7 if cpu else 11:03d}}}.tar",
                 f"eval.urls={root}/vatt-base/eval/shard-{{000000..000001}}.tar", "eval.num_samples=64", "eval.batch_size=32", "eval.probe_steps=20",

@@ -163,8 +163,8 @@ def pair_weights(cfg: HarmonizeConfig, *, step: int, total_steps: int, cos: torc
 
 @dataclass
 class StepStats:
-    loss_va: float
-    loss_vt: float
+    loss_va: torch.Tensor  # 0-dim, detached, on the device: read on logging steps only (a read is a device sync)
+    loss_vt: torch.Tensor
     cos: torch.Tensor | None = None  # (B,) conflict scores, when measured
     losses: torch.Tensor | None = None  # (B,) each triplet's l_va + l_vt, detached
     w_va: torch.Tensor | None = None  # (B,) the curriculum's pair weights
@@ -181,6 +181,14 @@ class StepStats:
     @property
     def mean_cos(self) -> float:
         return float(self.cos.mean()) if self.cos is not None else float("nan")
+
+    def signals(self) -> dict[str, torch.Tensor]:
+        """The step's gauges as 0-dim device tensors: the session's logger reads them on logging steps only."""
+        out = {"loss_va": self.loss_va, "loss_vt": self.loss_vt}
+        out["kept"] = (self.w_va.mean() + self.w_vt.mean()).detach() / 2 if self.w_va is not None else torch.ones((), device=self.loss_va.device)
+        if self.cos is not None:
+            out.update(conflict_rate=(self.cos < 0).float().mean(), mean_cos=self.cos.mean())
+        return out
 
 
 def bag(x: torch.Tensor) -> torch.Tensor:
@@ -218,7 +226,7 @@ def objective(emb: Embeddings, cfg: HarmonizeConfig, temperature: float, *, step
     """
     l_va = symmetric_nce(bag(emb.video_va), bag(emb.audio_va), temperature)  # (B,)
     l_vt = symmetric_nce(bag(emb.video_vat), bag(emb.text_vat), temperature)  # MIL-NCE over the candidate texts
-    stats = StepStats(float(l_va.mean().detach()), float(l_vt.mean().detach()), losses=(l_va + l_vt).detach())
+    stats = StepStats(l_va.mean().detach(), l_vt.mean().detach(), losses=(l_va + l_vt).detach())
     own_va = own_vt = cos = None
     if measure or cfg.needs_cosine:
         own_va, own_vt = per_sample_gradients(emb, temperature, cfg.target)

@@ -103,7 +103,7 @@ class VATT(nn.Module):
         *first, last = self.encoder.layers
         for layer in first:
             x = layer(x, src_key_padding_mask=pad_BS)
-        last_input = x
+        last_input = x = x.float()  # a harmonization target must be the tensor the last block reads (fp32 under autocast too)
         pooled = self.norm(last(x, src_key_padding_mask=pad_BS))[:, 0]  # AGG token
         return self.post[modality](pooled), last_input
 
@@ -125,6 +125,7 @@ class DetachedBatchNorm(nn.BatchNorm1d):
     def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(x_BD)
+        x_BD = x_BD.float()  # statistics in fp32, as autocast runs batch norm (a bf16 input would also not fit the fp32 running buffers)
         mean, var = x_BD.mean(0).detach(), x_BD.var(0, unbiased=False).detach()
         with torch.no_grad():
             self.num_batches_tracked += 1
@@ -180,4 +181,7 @@ class VattModel(nn.Module):
         if text.dim() == 2:
             text = text.unsqueeze(1)  # one candidate text per clip
         out = self.backbone(video, audio, text)
-        return Embeddings(out.video_BD, *self.heads(out.video_BD, out.audio_BD, out.text_BD), video_tokens_BSD=out.video_tokens_BSD)
+        # The pooled video feature is a harmonization target: the heads must read this very tensor. Under bf16
+        # autocast it is bf16, and the fp32 copy the strategy hands back would not be in the losses' graph.
+        video_BD = out.video_BD.float()
+        return Embeddings(video_BD, *self.heads(video_BD, out.audio_BD, out.text_BD), video_tokens_BSD=out.video_tokens_BSD)

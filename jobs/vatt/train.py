@@ -44,6 +44,20 @@ def train(session: Session, cfg: VattConfig) -> None:
     session.total_steps = total_steps
     session.info("VATT: %d steps on %d workers (%s), harmonize %s, from step %d", total_steps, session.world_size, cfg.run.strategy, cfg.harmonize.model_dump(), step)
 
+    pending: list[tuple] = []  # measured steps' per-triplet figures, still on the device
+
+    def fold_pending() -> None:
+        """Fold the measured steps into ``scores`` with one device-to-host copy (on logging steps, checkpoints and
+        epoch ends, not every step: a read of a device tensor waits for the GPU to finish)."""
+        if pending:
+            flat = torch.cat([torch.stack([losses, cos]) for *_, losses, cos in pending], dim=1).tolist()
+            start = 0
+            for epoch, keys, flags, losses, _ in pending:
+                end = start + len(losses)
+                evaluate.add_scores(scores, epoch, keys, flags, flat[0][start:end], flat[1][start:end])
+                start = end
+            pending.clear()
+
     model.train()
     while data.epoch < cfg.epochs:
         for batch in session.batches(data):
@@ -58,16 +72,17 @@ def train(session: Session, cfg: VattConfig) -> None:
             step += 1
             if stats.w_va is not None and curriculum_active(cfg.harmonize, step - 1, total_steps):
                 drops += evaluate.drop_counts(stats.w_va, stats.w_vt, batch["audio_swapped"].to(session.device), batch["text_swapped"].to(session.device))
-            if measure:  # the step's per-sample figures, one host copy (every step when the setting needs the cosine)
-                evaluate.add_scores(scores, data.epoch, batch["__key__"], batch["misaligned"].tolist(), stats.losses.tolist(), stats.cos.tolist())
-            signals = {"loss_va": stats.loss_va, "loss_vt": stats.loss_vt, "kept": stats.kept}
-            if stats.cos is not None:
-                signals.update(conflict_rate=stats.conflict_rate, mean_cos=stats.mean_cos)
+            if measure:  # the step's per-sample figures (every step when the setting needs the cosine), copied later
+                pending.append((data.epoch, batch["__key__"], batch["misaligned"].tolist(), stats.losses, stats.cos.detach()))
+            signals = stats.signals()
             if step % cfg.log_every == 0:
-                history.append({"step": step, "epoch": data.epoch, "loss": float(loss.detach()), **signals})
+                fold_pending()
+                history.append({"step": step, "epoch": data.epoch, "loss": float(loss.detach()), **{k: float(v) for k, v in signals.items()}})
             session.log(step, loss=loss, **signals)
             if step % cfg.checkpoint_every == 0:
+                fold_pending()
                 session.checkpoint(step, data, extra={"history": history, "scores": scores, "drops": drops.tolist(), "epochs": epochs})
+        fold_pending()
         if data.epoch > len(epochs):  # an epoch ended: how well its single measurements flagged the misaligned triplets (this rank's)
             epochs.append({"epoch": data.epoch - 1, "step": step, **evaluate.epoch_auroc(scores, data.epoch - 1)})
 

@@ -135,7 +135,8 @@ def distributed(case: str, run_fields: dict[str, Any]) -> dict[str, Any]:
         optimizer.zero_grad()
         scheduler.step()
     lr = optimizer.param_groups[0]["lr"]
-    return {"model": _gathered_state(session, session.unwrap(model)), "reductions": reductions["count"], "lr": lr, "draws": draws}
+    return {"model": _gathered_state(session, session.unwrap(model)), "reductions": reductions["count"], "lr": lr, "draws": draws,
+            "broadcast_buffers": getattr(wrapped, "broadcast_buffers", None)}
 
 
 def worker(rank: int, world_size: int, port: int, run_fields: dict[str, Any], cases: list[str], out: str) -> None:

@@ -16,8 +16,26 @@ def net() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "accelerate"])
-def test_bf16_runs_the_forward_under_autocast_and_keeps_fp32_weights_and_outputs(strategy):
+@pytest.fixture
+def one_rank_group(monkeypatch):
+    import socket
+
+    import torch.distributed as torch_dist
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for key, value in {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}.items():  # what a launcher sets
+        monkeypatch.setenv(key, value)
+    torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    torch_dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "accelerate", "deepspeed"])  # DeepSpeed turned an outer autocast off unless its config asks
+def test_bf16_runs_the_forward_under_autocast_and_keeps_fp32_weights_and_outputs(strategy, request):
+    if strategy == "deepspeed":  # its engine wants a process group: one of one rank, over gloo
+        request.getfixturevalue("one_rank_group")
     session = Session(RunConfig(num_workers=1, strategy=strategy, precision="bf16", tensorboard=False), kind="test")
     module = net()
     seen = []
@@ -30,6 +48,42 @@ def test_bf16_runs_the_forward_under_autocast_and_keeps_fp32_weights_and_outputs
     session.backward(loss, model=model)
     optimizer.step()
     assert session.unwrap(model)[0].weight.dtype == torch.float32 and not torch.equal(session.unwrap(model)[0].weight, before)
+    if strategy == "deepspeed":
+        # On a GPU, DeepSpeed's engine turns an enclosing CUDA autocast off unless its config has a torch_autocast
+        # section (torch.is_autocast_enabled() looks at CUDA only, so on CPU the hook above cannot show it): the
+        # engine must carry the section, with no gradient reduced in bf16 (as under DDP).
+        engine = session.strategy.entries[0].wrapped
+        assert engine.torch_autocast_enabled() and engine.torch_autocast_dtype() == torch.bfloat16
+        assert engine.torch_autocast_lower_precision_safe_modules() == []
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "accelerate"])  # DeepSpeed's engine sits in the same Autocast as DDP's model
+def test_bf16_hands_back_every_floating_output_as_fp32_even_in_a_dataclass(strategy):
+    """A job's loss reads what the forward returns: with bf16 some of it is bf16 (Linear), some fp32 (LayerNorm), and
+    a loss mixing them fails; VATT returns a dataclass, which Accelerate's own conversion passed through as it was."""
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Out:
+        projected: torch.Tensor
+        normed: torch.Tensor
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear, self.norm = nn.Linear(4, 4), nn.LayerNorm(4)
+
+        def forward(self, x):
+            y = self.linear(x)
+            return Out(y, self.norm(y))
+
+    session = Session(RunConfig(num_workers=1, strategy=strategy, precision="bf16", tensorboard=False), kind="test")
+    module = Two()
+    model, _ = session.prepare(module, torch.optim.SGD(module.parameters(), lr=0.1))
+    out = model(torch.randn(3, 4))
+    assert out.projected.dtype == torch.float32 and out.normed.dtype == torch.float32
+    (out.projected * out.normed).sum().backward()
+    assert module.linear.weight.grad is not None
 
 
 def test_fp32_is_the_default_and_has_no_autocast():

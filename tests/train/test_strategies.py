@@ -53,6 +53,7 @@ def test_two_ranks_match_one_process_on_the_global_batch(strategy, references, t
     if strategy in ("ddp", "accelerate"):
         # One bucket: 3 all-reduces without accumulation, and still 3 for 6 batches of which 3 only accumulate.
         assert one["reductions"] == 3 and accumulated["reductions"] == 3
+        assert one["broadcast_buffers"] is False, "DDP would send every buffer (VATT's 79 MB word table) from rank 0 before each forward"
 
 
 def test_a_moved_weight_would_be_caught(references):

@@ -203,6 +203,10 @@ class DeepSpeedStrategy(Strategy):
             "steps_per_print": 2**31 - 1,  # labtrain reports progress itself
             "gradient_clipping": self.cfg.clip_grad_norm or 0.0,
         }
+        if self.cfg.precision == "bf16":
+            # DeepSpeed turns off an autocast around its engine unless its own section asks for it (its bf16 section
+            # would cast the weights, not autocast). No module's gradients are reduced in bf16: as DDP, fp32.
+            ds_config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
         if self.cfg.accumulate_batches > 1:
             ds_config["managed_gradient_accumulation"] = False
         for index, (model, optimizer, scheduler) in enumerate(triples):
@@ -248,13 +252,16 @@ class DeepSpeedStrategy(Strategy):
 
 class AccelerateStrategy(Strategy):
     """Hugging Face Accelerate on Ray Train's process group; one Accelerator prepares every trained model.
-    bf16 is Accelerate's own mixed precision (autocast in the prepared forward)."""
+    bf16 is the strategies' shared Autocast around the prepared model."""
 
     def prepare(self, triples: list[tuple]) -> list[Prepared]:
-        from accelerate import Accelerator
+        from accelerate import Accelerator, DistributedDataParallelKwargs
 
         _check_precision(self.cfg, self.device)
-        self.accelerator = Accelerator(cpu=self.device.type == "cpu", mixed_precision="bf16" if self.cfg.precision == "bf16" else "no")
+        # bf16 through the same Autocast as the other strategies: Accelerate's own (mixed_precision="bf16") hands back
+        # a dataclass's bf16 fields as they are, and a loss then mixes bf16 and fp32 (VATT's Embeddings failed so).
+        self.accelerator = Accelerator(cpu=self.device.type == "cpu", mixed_precision="no",
+                                       kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])  # as DDPStrategy: no buffers sent every forward
         trained = [(m, o) for m, o, _ in triples if o is not None]
         prepared = iter(self.accelerator.prepare(*[x for pair in trained for x in pair]))
         for index, (model, optimizer, scheduler) in enumerate(triples):
@@ -263,7 +270,7 @@ class AccelerateStrategy(Strategy):
                 continue
             wrapped, acc_optimizer = next(prepared), next(prepared)
             module = self.accelerator.unwrap_model(wrapped)
-            self.entries.append(Prepared(index, module, wrapped, acc_optimizer, scheduler, wrapped))
+            self.entries.append(Prepared(index, module, self._autocast(wrapped), acc_optimizer, scheduler, wrapped))
         return self.entries
 
     def backward(self, loss: torch.Tensor, entry: Prepared) -> None:

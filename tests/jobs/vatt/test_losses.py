@@ -211,3 +211,32 @@ def test_harmonized_objective_sends_its_gradient_into_the_backbone(tiny_model):
 
     _, oracle, _, _ = grads(HarmonizeConfig(realign=False, curriculum="share", score="oracle"), False)
     assert oracle.kept == pytest.approx((1 + 5 / 6) / 2) and oracle.cos is None  # one text pair dropped; no per-sample gradients needed
+
+
+@pytest.mark.parametrize("head_norm", ["batch_detached", "layer", "batch"])
+@pytest.mark.parametrize("target", ["pooled", "last_block"])
+def test_harmonized_objective_runs_under_bf16_autocast(head_norm, target):
+    """run.precision=bf16 wraps the model in the strategies' Autocast, which hands back fp32 copies of bf16 outputs:
+    a harmonization target must still be the tensor the losses were computed from, and the detached batch norm's
+    fp32 running buffers must take bf16 statistics (both failed at the first step before)."""
+    from labtrain.train.strategies import Autocast
+
+    model, batch = make_model(head_norm)
+    wrapped = Autocast(model.train(), "cpu")
+    emb = wrapped(*batch)
+    assert emb.video_va.dtype == torch.float32  # the losses are computed at full precision
+    loss, stats = objective(emb, HarmonizeConfig(realign=True, curriculum="share", target=target), 0.07, step=50, total_steps=100, measure=True)
+    loss.backward()
+    assert stats.cos is not None and torch.isfinite(stats.cos).all()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.backbone.encoder.parameters())
+
+
+def test_a_step_reads_nothing_back_from_the_device(tiny_model):
+    """The step's gauges stay 0-dim tensors (the logger reads them on logging steps): a float() here would make
+    the host wait for the GPU every step."""
+    model, batch = tiny_model
+    _, stats = objective(model(*batch), HarmonizeConfig(realign=True, curriculum="share"), 0.07, step=50, total_steps=100, measure=True)
+    signals = stats.signals()
+    assert set(signals) == {"loss_va", "loss_vt", "kept", "conflict_rate", "mean_cos"}
+    assert all(torch.is_tensor(v) and v.dim() == 0 and not v.requires_grad for v in signals.values())
+    assert float(signals["kept"]) == pytest.approx(stats.kept) and float(signals["mean_cos"]) == pytest.approx(stats.mean_cos)
