@@ -90,7 +90,9 @@ def test_each_rank_gets_its_own_random_stream_derived_from_the_jobs_seed():
 def test_gpu_shapes_a_worker_cannot_use_are_refused_and_shared_gpus_use_gloo():
     from labtrain.train.strategies import backend
 
-    with pytest.raises(ConfigError, match="run.gpus_per_worker: value 1.5 is not allowed"):
-        check_support(RunConfig(gpus_per_worker=1.5))
-    assert [backend(RunConfig(gpus_per_worker=g)) for g in (0, 0.5, 1, 2)] == ["gloo", "gloo", "nccl", "nccl"]
-    check_support(RunConfig(gpus_per_worker=2))
+    for gpus in (1.5, 2):  # the second GPU would sit idle: a worker trains on Ray Train's one device
+        with pytest.raises(ConfigError, match=f"run.gpus_per_worker: value {gpus:g} is not allowed: a worker trains on one GPU.*raise run.num_workers"):
+            check_support(RunConfig(gpus_per_worker=gpus))
+    assert [backend(RunConfig(gpus_per_worker=g)) for g in (0, 0.5, 1)] == ["gloo", "gloo", "nccl"]
+    check_support(RunConfig(gpus_per_worker=1))
+    check_support(RunConfig(gpus_per_worker=0.5))

@@ -41,7 +41,7 @@ def device() -> torch.device:
 
 
 def backend(cfg: RunConfig) -> str:
-    """The process group's backend: NCCL when each worker has whole GPUs of its own; gloo on CPU, and for
+    """The process group's backend: NCCL when each worker has a GPU of its own; gloo on CPU, and for
     workers sharing a GPU (``gpus_per_worker`` < 1), which NCCL refuses ("duplicate GPU detected")."""
     return "nccl" if cfg.gpus_per_worker >= 1 else "gloo"
 
@@ -50,10 +50,12 @@ def check_support(cfg: RunConfig, *, num_models: int = 1, shared_parameters: boo
     """Refuse, before anything starts, what ``cfg.strategy`` cannot do for a job that trains ``num_models``
     models (``shared_parameters``: some parameter is in two of them), and GPU shapes a worker cannot use.
     Raises ConfigError naming the field."""
-    if cfg.gpus_per_worker > 1 and not float(cfg.gpus_per_worker).is_integer():
+    if cfg.gpus_per_worker > 1:
+        # A worker trains on the one device Ray Train gives it (get_device: the first of its GPUs); a second GPU
+        # would sit idle, held from everyone else.
         raise ConfigError(
-            f"run.gpus_per_worker: value {cfg.gpus_per_worker:g} is not allowed: a worker takes a share of one GPU (below 1, "
-            "workers then share it over gloo) or whole GPUs (1, 2, ...)"
+            f"run.gpus_per_worker: value {cfg.gpus_per_worker:g} is not allowed: a worker trains on one GPU, or on a share of one "
+            "(below 1: workers then share it over gloo). For more GPUs, raise run.num_workers (one worker per GPU)"
         )
     if cfg.strategy == "deepspeed" and cfg.zero_stage == 3 and num_models > 1 and shared_parameters:
         raise ConfigError(
