@@ -128,6 +128,13 @@ def _declared_metrics() -> set[str]:
             if "signals" in line or "session.log(" in line:
                 logged |= set(re.findall(r'"([a-z_]+)": ', line)) | set(re.findall(r"\b([a-z_]+)=", line))
         names |= {f"labtrain_{kind}_{n}" for n in logged - {"loss"}}
+    # VATT's gauges come from its objective's StepStats.signals(): ask it, with every optional field measured.
+    import torch
+
+    from jobs.vatt.losses import StepStats
+
+    full = StepStats(torch.tensor(1.0), torch.tensor(1.0), cos=torch.zeros(2), losses=torch.zeros(2), w_va=torch.ones(2), w_vt=torch.ones(2))
+    names |= {f"labtrain_vatt_{n}" for n in full.signals()}
     return names
 
 
