@@ -128,6 +128,14 @@ class VattConfig(Config):
     log_every: int = Field(10, ge=1, description="Steps between measured points: conflict scores without harmonization, the history, the job's gauges.")
     out_dir: StoragePath = Field("vatt/out", description="Where the evaluation JSON and plot go (under the storage root if relative).")
 
+    def sample_bytes(self) -> tuple[int, int]:
+        """One triplet's bytes as stored (uint8 video, float16 audio, uint16 word ids) and as collated
+        (audio float32, ids int64; video stays uint8 until it is on the device): labtrain.sizing's input."""
+        m = self.model
+        video = m.num_frames * m.frame_size * m.frame_size * 3
+        words = m.text_candidates * m.text_len
+        return video + 2 * m.audio_samples + 2 * words, video + 4 * m.audio_samples + 8 * words
+
     @model_validator(mode="after")
     def _data_fits(self) -> "VattConfig":
         if self.data.batch_size < 2:

@@ -73,6 +73,11 @@ class DataConfig(Config):
     shuffle_buffer_mb: float = Field(
         1024, gt=0, description="Upper bound on the shuffle buffer's bytes in each dataloader worker: with large samples (video) it holds fewer than shuffle_buffer.",
     )
+    prefetch_batches: int = Field(
+        2, ge=1,
+        description="Finished batches each dataloader worker keeps waiting in shared memory (DataLoader's prefetch_factor): "
+        "num_workers x prefetch_batches batches per rank, in /dev/shm. `python -m jobs.<kind> --plan` sums them per node.",
+    )
     seed: int = Field(0, description="Seed of the per-epoch shard order and the shuffle buffer.")
     max_bad_shards: int = Field(0, ge=0, description="Unreadable shards tolerated on one rank over the run before the job fails.")
     s3: S3Config = Field(default_factory=S3Config, description="S3 endpoint and credentials for s3:// URLs.")

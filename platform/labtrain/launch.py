@@ -31,6 +31,9 @@ def job_arguments(prog: str, description: str | None) -> argparse.ArgumentParser
     gang.add_argument("--memory-gb-per-worker", type=float, default=None)
     gang.add_argument("--name", default=None, help="the run's name unless an override sets it (the queue passes its job id)")
     parser.add_argument("--check", action="store_true", help="validate the config, overrides and gang, start nothing; exit 0 or 2")
+    parser.add_argument("--plan", metavar="NODE", default=None,
+                        help="print what the run needs of one node shaped cpus=32,memory=240Gi,shm=64Gi,gpus=8,object_store=50G "
+                             "(CPUs, memory, /dev/shm: labtrain.sizing), start nothing; exit 0 if it fits, 2 if not")
     parser.add_argument("--done-file", default=None, help="written when the run completes (the queue reads it to never run a finished job again)")
     return parser
 
@@ -88,6 +91,28 @@ def check_data(cfg: Config, run_cfg: RunConfig) -> None:
             DataStream(value, rank=0, world_size=max(run_cfg.num_workers, 1))
 
 
+def print_plan(cfg: Config, node_text: str) -> int:
+    """``--plan``: the run's needs of one node (labtrain.sizing). A sample's bytes come from the config's own
+    ``sample_bytes()`` (as stored, as collated) where the job defines it, else from the shard index."""
+    from labtrain import sizing
+    from labtrain.data.index import load_shards
+
+    node = sizing.NodeShape.parse(node_text)
+    run_cfg = next(value for _, value in cfg if isinstance(value, RunConfig))
+    data_cfg = next(value for _, value in cfg if isinstance(value, DataConfig))
+    if hasattr(cfg, "sample_bytes"):
+        stored, collated = cfg.sample_bytes()
+        source = "from the model's sizes"
+    else:
+        shards = load_shards(data_cfg.urls, data_cfg.index, data_cfg.s3)
+        stored = collated = sum(s.size_bytes for s in shards) / max(sum(s.num_samples for s in shards), 1)
+        source = f"the mean of {len(shards)} shards in the index"
+    plan = sizing.node_plan(data_cfg, run_cfg, node, stored_bytes=stored, batch_bytes_per_sample=collated)
+    print(f"one sample: {stored / 2**20:.2f} MiB as stored, {collated / 2**20:.2f} MiB collated ({source})")
+    print("\n".join(plan.lines(node)), flush=True)
+    return 2 if plan.problems else 0
+
+
 def job_main(
     cls: type[C],
     train_fn: Callable,
@@ -110,6 +135,8 @@ def job_main(
 
     try:
         cfg = storage.resolve_paths(load_config(cls, args.config, gang_overrides(args)))
+        if args.plan:
+            return print_plan(cfg, args.plan)
         if args.check:  # what can be refused without the data (the queue's submit-time check)
             run_cfg = next(value for _, value in cfg if isinstance(value, RunConfig))
             check_support(run_cfg, num_models=num_models, shared_parameters=shared_parameters)

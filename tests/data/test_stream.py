@@ -255,3 +255,34 @@ def test_the_shuffle_buffer_is_bounded_in_bytes():
     assert peak <= 11, f"the buffer held {peak} samples of 1000 bytes under a 10,000-byte bound"
     unbounded = [s["__key__"] for s in shuffle(iter(samples), buffer_size=64, seed="s")]
     assert unbounded != [s["__key__"] for s in out]  # the bound changed what the buffer could mix
+
+
+class _LoggingDecoder:
+    """Decodes a sample and appends its key to a file: the dataloader worker's progress, seen from the test."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __call__(self, sample):
+        with open(self.path, "a") as log:
+            log.write(sample["__key__"] + "\n")
+        return {"__key__": sample["__key__"], "cls": int(sample["cls"])}
+
+
+@pytest.mark.parametrize("prefetch", [1, 3])
+def test_a_worker_runs_at_most_prefetch_batches_ahead(even_shards, tmp_path, prefetch):
+    """data.prefetch_batches bounds the finished batches waiting in shared memory (labtrain.sizing counts them):
+    while the rank holds its first batch, one worker has made that batch and `prefetch` more, then waits."""
+    import time
+
+    log = tmp_path / "decoded.txt"
+    cfg = DataConfig(urls=even_shards[0], batch_size=4, num_workers=1, prefetch_batches=prefetch)
+    batches = iter(DataStream(cfg, decoder=_LoggingDecoder(log), rank=0, world_size=1))
+    next(batches)
+    expected = 4 * (1 + prefetch)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (not log.exists() or len(log.read_text().split()) < expected):
+        time.sleep(0.05)
+    time.sleep(1.0)  # had the worker gone further ahead, it would have by now
+    assert len(log.read_text().split()) == expected
+    del batches

@@ -129,6 +129,29 @@ def test_gpu_groups(helm):
     assert "nvidia.com/gpu" not in cpu_default["template"]["spec"]["containers"][0]["resources"]["limits"]
 
 
+def test_vatt_base_fits_a_node_of_the_example_a100_group(helm):
+    """base.yaml's needs of one node (labtrain.sizing: CPUs, memory, /dev/shm beside Ray's object store), computed
+    from its settings, against the a100 pod the chart renders; and the settings it had before do not fit."""
+    from jobs.vatt.config import VattConfig
+    from labtrain.config import load_config
+    from labtrain.sizing import NodeShape, node_plan, parse_quantity
+
+    a100 = {g["groupName"]: g for g in one(render(CI / "gpu-groups-values.yaml"), "RayCluster")["spec"]["workerGroupSpecs"]}["a100"]
+    pod = a100["template"]["spec"]
+    limits = pod["containers"][0]["resources"]["limits"]
+    node = NodeShape(cpus=float(limits["cpu"]), memory=parse_quantity(limits["memory"]), gpus=limits["nvidia.com/gpu"],
+                     shm=parse_quantity({v["name"]: v for v in pod["volumes"]}["dshm"]["emptyDir"]["sizeLimit"]),
+                     object_store=parse_quantity(a100["rayStartParams"]["object-store-memory"]))
+    cfg = load_config(VattConfig, "jobs/vatt/configs/base.yaml")
+    stored, collated = cfg.sample_bytes()
+    plan = node_plan(cfg.data, cfg.run, node, stored_bytes=stored, batch_bytes_per_sample=collated)
+    assert plan.problems == [] and plan.ranks == 8, plan.lines(node)
+    assert plan.shm < node.shm and plan.memory < node.memory
+    before = load_config(VattConfig, "jobs/vatt/configs/base.yaml", ["run.cpus_per_worker=8", "data.num_workers=8", "data.prefetch_batches=2"])
+    old = node_plan(before.data, before.run, node, stored_bytes=stored, batch_bytes_per_sample=collated)
+    assert [p.split(" ", 3)[:3] for p in old.problems] == [["8", "ranks", "(one"], ["each", "rank", "runs"], ["/dev/shm", "needs", "67.3"]]
+
+
 def test_set_reaches_one_worker_group(helm):
     groups = one(render(sets=("workerGroups.cpu.replicas=3", "workerGroups.cpu.maxReplicas=5")), "RayCluster")["spec"]["workerGroupSpecs"]
     assert [(g["groupName"], g["replicas"], g["maxReplicas"], g["minReplicas"]) for g in groups] == [("cpu", 3, 5, 0)]

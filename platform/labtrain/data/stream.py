@@ -182,6 +182,7 @@ class DataStream:
                 batch_size=None,
                 num_workers=self.cfg.num_workers,
                 pin_memory=self.pin_memory,  # page-locked batches: .to(device, non_blocking=True) overlaps the copy
+                prefetch_factor=self.cfg.prefetch_batches,  # batches per worker waiting in /dev/shm (labtrain.sizing)
                 persistent_workers=False,  # the worker split is recomputed from what remains each epoch
                 # A generator of its own: by default each new loader draws its seed from torch's global RNG,
                 # so a resumed run (which builds a loader where the first run did not) would train on other
