@@ -29,13 +29,14 @@ ENV DEBIAN_FRONTEND=noninteractive \
 # (The Helm chart and cluster/ray-up/lab.yaml point LABTRAIN_STORAGE_ROOT at shared storage or S3.)
 
 # python3.11 (jammy-updates); g++ and python3.11-dev for the ops DeepSpeed compiles at run time;
-# wget, curl, rsync, openssh-client, procps and tini are what Ray, KubeRay's probes and `ray up` use.
+# wget, curl, rsync, openssh-client, procps and tini are what Ray, KubeRay's probes and `ray up` use;
+# libibverbs1, ibverbs-providers and librdmacm1 let NCCL use InfiniBand/RoCE where a pod is given a device.
 # Versions come from the CUDA base image's Ubuntu release: pinning them would break on every point release.
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
       python3.11 python3.11-dev python3.11-venv g++ make git wget curl ca-certificates \
-      rsync openssh-client procps tini \
+      rsync openssh-client procps tini libibverbs1 ibverbs-providers librdmacm1 \
  && rm -rf /var/lib/apt/lists/* \
  && python3.11 -m venv "$VIRTUAL_ENV" \
  && groupadd --gid "${USER_UID}" labtrain \

@@ -35,7 +35,7 @@ def validate(doc: dict) -> None:
 def test_ci_values_cover_each_option():
     names = {p.name for p in CI_VALUES}
     assert {"gpu-groups-values.yaml", "autoscaling-values.yaml", "postgresql-values.yaml", "monitoring-values.yaml",
-            "monitoring-off-values.yaml", "network-policy-values.yaml"} <= names
+            "monitoring-off-values.yaml", "network-policy-values.yaml", "rdma-values.yaml"} <= names
 
 
 @pytest.mark.parametrize("values", VALUES, ids=IDS)

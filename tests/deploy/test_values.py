@@ -129,6 +129,31 @@ def test_gpu_groups(helm):
     assert "nvidia.com/gpu" not in cpu_default["template"]["spec"]["containers"][0]["resources"]["limits"]
 
 
+def test_gpu_groups_give_nccl_its_network_and_rdma_when_asked(helm):
+    """GPU workers get NCCL's environment; without an RDMA path NCCL is told to use TCP (NCCL_IB_DISABLE=1); with
+    one, each GPU container asks for the device plugin's resource, may lock memory (IPC_LOCK), names its HCA, and
+    the pod joins the Multus network. CPU workers get none of it."""
+    plain = ray_pods(render(CI / "gpu-groups-values.yaml"))
+    a100 = plain["a100"]["containers"][0]
+    env = {k: e["value"] for k, e in env_of(a100).items() if k.startswith("NCCL_")}
+    assert env == {"NCCL_SOCKET_IFNAME": "eth0", "NCCL_DEBUG": "WARN", "NCCL_IB_DISABLE": "1"}
+    assert "add" not in a100["securityContext"]["capabilities"]
+    rdma_docs = render(CI / "rdma-values.yaml")
+    pods = ray_pods(rdma_docs)
+    gpu, cpu = pods["gpu"]["containers"][0], pods["cpu"]["containers"][0]
+    env = {k: e["value"] for k, e in env_of(gpu).items() if k.startswith("NCCL_")}
+    assert env == {"NCCL_SOCKET_IFNAME": "eth0", "NCCL_DEBUG": "INFO", "NCCL_IB_HCA": "mlx5"}
+    for kind in ("requests", "limits"):
+        assert gpu["resources"][kind] == {"cpu": "32", "memory": "240Gi", "nvidia.com/gpu": 8, "rdma/rdma_shared_device_a": 1}
+    assert gpu["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["IPC_LOCK"]}
+    assert gpu["securityContext"]["allowPrivilegeEscalation"] is False
+    groups = {g["groupName"]: g for g in one(rdma_docs, "RayCluster")["spec"]["workerGroupSpecs"]}
+    assert groups["gpu"]["template"]["metadata"]["annotations"] == {"k8s.v1.cni.cncf.io/networks": "ib-net"}
+    assert "annotations" not in groups["cpu"]["template"]["metadata"]
+    assert not [k for k in env_of(cpu) if k.startswith("NCCL_")] and "rdma/rdma_shared_device_a" not in cpu["resources"]["limits"]
+    assert cpu["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+
+
 def test_vatt_base_fits_a_node_of_the_example_a100_group(helm):
     """base.yaml's needs of one node (labtrain.sizing: CPUs, memory, /dev/shm beside Ray's object store), computed
     from its settings, against the a100 pod the chart renders; and the settings it had before do not fit."""
@@ -171,7 +196,13 @@ def test_autoscaling(helm):
     assert "LABTRAIN_QUEUE_CAPACITY" not in env_of(one(render(), "Deployment")["spec"]["template"]["spec"]["containers"][0])
     # Ray Train runs refuse a gang that no node can hold, except where the autoscaler can add one.
     head = lambda values: env_of(one(values, "RayCluster")["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0])  # noqa: E731
-    assert head(render(CI / "autoscaling-values.yaml"))["LABTRAIN_AUTOSCALING"]["value"] == "1"
+    # The node types the autoscaler may start, which the check reads instead of the live nodes.
+    types = lambda values: json.loads(head(values)["LABTRAIN_AUTOSCALING"]["value"])  # noqa: E731
+    assert types(render(CI / "autoscaling-values.yaml")) == [{"group": "cpu", "max": 8, "resources": {"CPU": 8, "labtrain_node": 1}}]
+    assert types(render(CI / "autoscaling-values.yaml", CI / "gpu-groups-values.yaml")) == [
+        {"group": "a100", "max": 4, "resources": {"CPU": 32, "GPU": 8, "labtrain_node": 1, "a100": 8}},
+        {"group": "rtx", "max": 2, "resources": {"CPU": 16, "GPU": 2, "labtrain_node": 1}},
+    ]
     assert "LABTRAIN_AUTOSCALING" not in head(render())
 
 
@@ -386,6 +417,7 @@ BAD_VALUES = [
     (("workerGroups.cpu.minReplicas=3",), "labtrain: workerGroups.cpu needs minReplicas <= replicas <= maxReplicas, got 3 <= 1 <= 4"),
     (("workerGroups.cpu.replicas=9",), "labtrain: workerGroups.cpu needs minReplicas <= replicas <= maxReplicas, got 0 <= 9 <= 4"),
     (("workerGroups.cpu.memory=",), "labtrain: workerGroups.cpu.memory is not set"),
+    (("workerGroups.cpu.cpu=500m",), 'labtrain: workerGroups.cpu.cpu must be a whole number of CPUs like "8"'),
     (("workerGroups.gpu.gpu=8",), "labtrain: workerGroups.gpu.replicas is not set"),
     (("workerGroups.GPU_big.replicas=1",), 'labtrain: worker group name "GPU_big" must be a DNS label'),
     (("ray.version=latest",), 'labtrain: ray.version must be a Ray release like 2.60.0, got "latest"'),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import json
 import os
 import uuid
 
@@ -144,6 +145,31 @@ def test_a_failed_run_ends_with_one_error_line_naming_the_cause(ray_cluster, sha
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 1
     assert err[-1].startswith("error: the run failed: RuntimeError: the probe's loss became NaN at step 2"), err[-5:]
+
+
+def test_under_an_autoscaler_the_gang_is_checked_against_the_nodes_it_may_start(monkeypatch):
+    """The chart's LABTRAIN_AUTOSCALING lists the worker groups' node types and maxReplicas: a gang larger than
+    the live cluster passes (the autoscaler will add nodes), one that even every node at maxReplicas could not hold
+    is refused. No Ray call is made: the live nodes do not matter here."""
+    from labtrain.train.runner import GangDoesNotFitError, check_gang_fits
+
+    types = [{"group": "a100", "max": 4, "resources": {"CPU": 32, "GPU": 8, "labtrain_node": 1, "a100": 8}},
+             {"group": "rtx", "max": 2, "resources": {"CPU": 16, "GPU": 2, "labtrain_node": 1}}]
+    monkeypatch.setenv("LABTRAIN_AUTOSCALING", json.dumps(types))
+    monkeypatch.setattr("ray.nodes", lambda: pytest.fail("the live nodes were read under an autoscaler"))
+    check_gang_fits(RunConfig(name="base", num_workers=32, gpus_per_worker=1, cpus_per_worker=4))  # 4 a100 nodes x 8
+    check_gang_fits(RunConfig(name="mixed", num_workers=36, gpus_per_worker=1, cpus_per_worker=4))  # and both rtx nodes' 2
+    with pytest.raises(GangDoesNotFitError, match=r"37 workers of CPU=4, GPU=1 do not fit: the 6 nodes the autoscaler can start "
+                                                  r"\(every group at its maxReplicas\) hold at most 36"):
+        check_gang_fits(RunConfig(name="big", num_workers=37, gpus_per_worker=1, cpus_per_worker=4))
+    with pytest.raises(GangDoesNotFitError, match=r"one worker needs CPU=4, GPU=16, more than any node the autoscaler can start "
+                                                  r"has \(CPU=32, GPU=8; CPU=16, GPU=2\)"):
+        check_gang_fits(RunConfig(name="fat", num_workers=1, gpus_per_worker=16, cpus_per_worker=4))
+    monkeypatch.setenv("LABTRAIN_AUTOSCALING", "yes")
+    with pytest.raises(ValueError, match="LABTRAIN_AUTOSCALING='yes' is not the chart's list of node types"):
+        check_gang_fits(RunConfig(name="x"))
+    monkeypatch.setenv("LABTRAIN_AUTOSCALING", "1")  # an older chart: node types unknown, nothing refused
+    check_gang_fits(RunConfig(name="huge", num_workers=1000, cpus_per_worker=64))
 
 
 def test_a_gang_that_fits_no_node_is_refused_before_anything_starts(ray_cluster, shards, tmp_path):

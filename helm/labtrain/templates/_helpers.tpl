@@ -166,8 +166,9 @@ it too (S3, or the shared claim it mounts), else off (exactly-once across a clus
 {{- end }}
 {{- include "labtrain.s3Env" . }}
 {{- if .Values.ray.autoscaling.enabled }}
+# The nodes the autoscaler may start: a Ray Train run refuses a gang that even all of them could not hold.
 - name: LABTRAIN_AUTOSCALING
-  value: "1"
+  value: {{ include "labtrain.nodeTypes" . | quote }}
 {{- end }}
 {{- with .Values.ray.env }}
 {{ toYaml . }}
@@ -291,6 +292,9 @@ it too (S3, or the shared claim it mounts), else off (exactly-once across a clus
 {{- include "labtrain.fail" (printf "%s.%s is not set" $where $field) }}
 {{- end }}
 {{- end }}
+{{- if not (regexMatch "^[1-9][0-9]*$" (toString $g.cpu)) }}
+{{- include "labtrain.fail" (printf "%s.cpu must be a whole number of CPUs like \"8\" (Ray counts whole CPUs on a node, and the gang check reads it), got %q" $where (toString $g.cpu)) }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- /* After the groups, so that a group without an image is named. The head, the exporter, the queue and the test pod use it. */}}
@@ -328,5 +332,38 @@ it too (S3, or the shared claim it mounts), else off (exactly-once across a clus
 {{- end }}
 {{- end }}
 {{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The enabled worker groups as Ray node types, JSON: [{"group", "resources": {CPU, GPU, custom...}, "max"}]. */}}
+{{- define "labtrain.nodeTypes" -}}
+{{- $types := list }}
+{{- range $name, $g := .Values.workerGroups }}
+{{- if or (not (hasKey $g "enabled")) $g.enabled }}
+{{- $start := default dict $g.rayStartParams }}
+{{- $res := dict "CPU" (float64 (default $g.cpu (get $start "num-cpus"))) }}
+{{- $gpus := float64 (default $g.gpu (get $start "num-gpus")) }}
+{{- if gt $gpus 0.0 }}{{ $_ := set $res "GPU" $gpus }}{{ end }}
+{{- range $k, $v := $g.rayResources }}{{ $_ := set $res $k $v }}{{ end }}
+{{- $types = append $types (dict "group" $name "resources" $res "max" (int64 $g.maxReplicas)) }}
+{{- end }}
+{{- end }}
+{{- toJson $types }}
+{{- end }}
+
+{{/* NCCL's environment in a GPU group's Ray container: nccl.env, and the RDMA path or its explicit absence. */}}
+{{- define "labtrain.ncclEnv" -}}
+{{- range $k, $v := .Values.nccl.env }}
+- name: {{ $k }}
+  value: {{ $v | toString | quote }}
+{{- end }}
+{{- if .Values.nccl.rdma.enabled }}
+{{- with .Values.nccl.rdma.hca }}
+- name: NCCL_IB_HCA
+  value: {{ . | quote }}
+{{- end }}
+{{- else }}
+- name: NCCL_IB_DISABLE
+  value: "1"
 {{- end }}
 {{- end }}

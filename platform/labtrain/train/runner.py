@@ -13,6 +13,7 @@ logged (py-spy), the controller is killed and the run is started once more; a se
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -115,25 +116,45 @@ def _worker_bundle(run_cfg: RunConfig) -> dict[str, float]:
     return need
 
 
+def autoscaler_nodes() -> list[dict[str, float]] | None:
+    """Under an autoscaler, every node it may start (LABTRAIN_AUTOSCALING: the Helm chart's JSON list of worker
+    groups, each ``{"group", "resources", "max"}``), ``max`` times each; None without one. An older chart's
+    "1" gives [] (node types unknown: the check is skipped)."""
+    value = os.environ.get("LABTRAIN_AUTOSCALING", "")
+    if not value:
+        return None
+    if value == "1":
+        return []
+    try:
+        return [dict(t["resources"]) for t in json.loads(value) for _ in range(int(t["max"]))]
+    except (ValueError, TypeError, KeyError) as error:
+        raise ValueError(f"LABTRAIN_AUTOSCALING={value!r} is not the chart's list of node types ({error}): "
+                         "set it to [{\"group\": ..., \"resources\": {\"CPU\": ...}, \"max\": N}, ...] or unset it") from None
+
+
 def check_gang_fits(run_cfg: RunConfig) -> None:
     """Refuse, before anything starts, a run whose placement group would wait forever: a worker larger than
     every node, or more workers than the whole cluster holds when idle (Ray would only say "pending").
-    Skipped where an autoscaler adds nodes on demand (LABTRAIN_AUTOSCALING=1, set by the Helm chart)."""
-    if os.environ.get("LABTRAIN_AUTOSCALING") == "1":
+    Under an autoscaler the nodes are the ones it may start, each group at its maxReplicas."""
+    scalable = autoscaler_nodes()
+    if scalable is not None and not scalable:
         return
+    nodes = scalable if scalable is not None else [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    where = "node the autoscaler can start" if scalable is not None else "node of the cluster"
     need = _worker_bundle(run_cfg)
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     per_node = [min(int(res.get(k, 0) // v) for k, v in need.items() if v > 0) for res in nodes]
     shown = ", ".join(f"{k}={v:g}" for k, v in need.items())
     if not any(per_node):
-        sizes = "; ".join(", ".join(f"{k}={res.get(k, 0):g}" for k in need) for res in nodes) or "no live node"
+        shapes = [", ".join(f"{k}={res.get(k, 0):g}" for k in need) for res in nodes]
+        sizes = "; ".join(dict.fromkeys(shapes) if scalable is not None else shapes) or "no live node"  # a group's type once
         raise GangDoesNotFitError(
-            f"run {run_cfg.name}: one worker needs {shown}, more than any node of the cluster has ({sizes}). Lower run.cpus_per_worker, "
+            f"run {run_cfg.name}: one worker needs {shown}, more than any {where} has ({sizes}). Lower run.cpus_per_worker, "
             "run.gpus_per_worker or run.resources_per_worker, or add a node that large"
         )
     if sum(per_node) < run_cfg.num_workers:
+        which = f"{len(nodes)} nodes the autoscaler can start (every group at its maxReplicas)" if scalable is not None else f"cluster's {len(nodes)} nodes"
         raise GangDoesNotFitError(
-            f"run {run_cfg.name}: {run_cfg.num_workers} workers of {shown} do not fit: the cluster's {len(nodes)} nodes hold at most "
+            f"run {run_cfg.name}: {run_cfg.num_workers} workers of {shown} do not fit: the {which} hold at most "
             f"{sum(per_node)} such workers even when idle. Use run.num_workers <= {sum(per_node)}, smaller workers, or more nodes"
         )
 
