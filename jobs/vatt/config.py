@@ -140,4 +140,13 @@ class VattConfig(Config):
     def _data_fits(self) -> "VattConfig":
         if self.data.batch_size < 2:
             raise ValueError("data.batch_size must be at least 2: contrastive losses need negatives")
+        if self.run.strategy == "deepspeed" and self.run.zero_stage == 3:
+            # Found on 2 ranks (tests/jobs/vatt/test_job.py): the second autograd.grad failed on a 0-sized weight.
+            raise ValueError(
+                "run.zero_stage=3 is not supported for VATT: ZeRO-3 frees a module's gathered parameters after a backward pass "
+                "through it, and the conflict score takes two partial backward passes through the heads (and, for "
+                "harmonize.target=last_block, the last block) before the main one, so the second finds them freed. It runs on "
+                "every log_every-th step, with or without harmonization. Use run.zero_stage=1 or 2 (base.yaml uses 1: VATT "
+                "Base's parameters and optimizer state fit every GPU), or run.strategy=ddp"
+            )
         return self

@@ -30,6 +30,11 @@ def test_sizes_that_do_not_fit_are_refused_with_the_reason():
         load_config(VattConfig, TINY, ["model.num_heads=3"])
     with pytest.raises(ConfigError, match="batch_size must be at least 2"):
         load_config(VattConfig, TINY, ["data.batch_size=1"])
+    # ZeRO-3 ran on 2 ranks and failed at the conflict score's second partial backward pass (a freed weight), with
+    # either target: refused before anything starts, as the queue's submit-time check (--check) refuses it too.
+    with pytest.raises(ConfigError, match="run.zero_stage=3 is not supported for VATT: ZeRO-3 frees a module's gathered parameters"):
+        load_config(VattConfig, TINY, ["run.strategy=deepspeed", "run.zero_stage=3"])
+    load_config(VattConfig, TINY, ["run.strategy=deepspeed", "run.zero_stage=2"])
 
 
 def test_the_corpus_swaps_texts_and_audio_apart_on_the_same_clips():
