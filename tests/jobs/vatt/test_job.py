@@ -145,3 +145,20 @@ def test_experiment_runs_at_small_size(tmp_path):
     assert verdict["gap_perfect_minus_plain"] == runs["perfect"]["t2v_group_r1"] - runs["plain"]["t2v_group_r1"]
     assert {p["arm"] for p in result["paired"]} == {"perfect", "both"}
     assert (tmp_path / "experiment.png").stat().st_size > 10_000
+
+
+def test_the_conflict_target_diagnostic_scores_every_target(tmp_path):
+    """jobs.vatt.conflict_targets at a small size: each target's score (and the loss) gets an AUROC per third of
+    training, from real per-sample gradients, the last block's parameters included."""
+    from jobs.vatt import conflict_targets
+
+    argv = ["--config", str(TINY), "--seeds", "0", "--every", "2", "--out", str(tmp_path), "epochs=2", "synthetic.num_samples=256",
+            "eval.num_samples=64", "data.batch_size=32"]
+    assert conflict_targets.main(argv) == 0
+    report = json.loads((tmp_path / "conflict_targets.json").read_text())
+    (row,) = report["rows"]
+    assert row["steps"] == 16 and row["measured_triplets"] == 8 * 32
+    for name in conflict_targets.TARGETS:
+        assert all(0 <= row[f"{name}_{third}"] <= 1 for third in (*conflict_targets.THIRDS, "all")), name
+    assert row["params_all"] != row["pooled_all"]  # a score of its own, not the pooled one again
+    assert (tmp_path / "conflict_targets.png").stat().st_size > 10_000
