@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from jobs.vatt.config import ModelConfig
+from labtrain import dist
 
 
 def drop_tokens(x_BSD: torch.Tensor, rate: float) -> torch.Tensor:
@@ -117,20 +118,30 @@ class VATT(nn.Module):
         return Outputs(video_BD=video_BD, audio_BD=self.encode("audio", self.audio(audio, rate))[0], text_BD=text_XD.unflatten(0, text.shape[:-1]), video_tokens_BSD=video_tokens)
 
 
+def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.world_size() > 1:
+        torch.distributed.all_reduce(t)
+    return t
+
+
 class DetachedBatchNorm(nn.BatchNorm1d):
     """Batch norm whose batch statistics are constants in the backward pass: the forward is batch norm's, but a
     sample's gradient no longer flows through the other samples, so per-sample gradients taken in train mode
-    are each sample's own."""
+    are each sample's own. Across ranks the statistics are the global batch's (cross-replica, as VATT's batch
+    norm): two all-reduces of about D numbers per layer and forward, every rank the same mean and variance."""
 
     def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(x_BD)
         x_BD = x_BD.float()  # statistics in fp32, as autocast runs batch norm (a bf16 input would also not fit the fp32 running buffers)
-        mean, var = x_BD.mean(0).detach(), x_BD.var(0, unbiased=False).detach()
         with torch.no_grad():
+            sums = torch.cat([x_BD.sum(0), x_BD.new_tensor([len(x_BD)])])
+            _sum_over_ranks(sums)
+            n, mean = sums[-1], sums[:-1] / sums[-1]
+            var = _sum_over_ranks((x_BD - mean).pow(2).sum(0)) / n  # two passes: no cancellation in E[x^2] - E[x]^2
             self.num_batches_tracked += 1
             self.running_mean.lerp_(mean, self.momentum)
-            self.running_var.lerp_(x_BD.var(0, unbiased=True), self.momentum)
+            self.running_var.lerp_(var * n / (n - 1).clamp_min(1), self.momentum)
         return (x_BD - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias
 
 

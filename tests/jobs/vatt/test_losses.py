@@ -113,6 +113,38 @@ def test_detached_batch_norm_normalizes_as_batch_norm_does():
     torch.testing.assert_close(ours(x), theirs(x))
 
 
+def _bn_rank(rank: int, world: int, path: str, x: torch.Tensor, out: dict) -> None:
+    from jobs.vatt.model import DetachedBatchNorm
+
+    torch_dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
+    half = len(x) // world
+    norm = DetachedBatchNorm(x.shape[1])
+    y = norm(x[rank * half:(rank + 1) * half])
+    out[rank] = (y.detach(), norm.running_mean.clone(), norm.running_var.clone())
+    torch_dist.destroy_process_group()
+
+
+def test_detached_batch_norm_takes_the_global_batchs_statistics_across_ranks(tmp_path):
+    """Cross-replica, as VATT's: two gloo ranks holding a half each normalize exactly as one process holding the
+    whole batch (and keep the same running statistics), not each with its own half's statistics."""
+    from jobs.vatt.model import DetachedBatchNorm
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 8) * 3 + 1
+    x[8:] += 5  # the halves differ: per-rank statistics would give another output
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_bn_rank, args=(2, str(tmp_path / "store"), x, out), nprocs=2)
+        results = dict(out)
+    whole = DetachedBatchNorm(8)
+    torch.testing.assert_close(torch.cat([results[0][0], results[1][0]]), whole(x), rtol=1e-5, atol=1e-5)
+    for rank in (0, 1):
+        torch.testing.assert_close(results[rank][1], whole.running_mean)
+        torch.testing.assert_close(results[rank][2], whole.running_var)
+    per_rank = DetachedBatchNorm(8)(x[:8])
+    assert not torch.allclose(results[0][0], per_rank, atol=1e-3)
+
+
 def _weights(cfg: HarmonizeConfig, step: int, cos, l_va, l_vt, **flags):
     return pair_weights(cfg, step=step, total_steps=100, cos=cos, l_va=l_va, l_vt=l_vt, **flags)
 
