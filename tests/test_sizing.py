@@ -6,6 +6,7 @@ import pytest
 
 from labtrain.config import DataConfig, RunConfig
 from labtrain.sizing import GiB, NodeShape, node_plan, parse_quantity, rank_bytes
+from tests.conftest import REPO
 
 MiB = 2**20
 
@@ -55,7 +56,7 @@ def test_a_node_plan_refuses_idle_gpus_and_an_overfull_shm_and_names_the_way_out
 def test_the_vatt_job_plans_a_node_from_the_command_line(capsys):
     from jobs.vatt.__main__ import main
 
-    args = ["--config", "jobs/vatt/configs/base.yaml", "--plan"]
+    args = ["--config", str(REPO / "jobs/vatt/configs/base.yaml"), "--plan"]
     assert main([*args, "cpus=32,memory=240Gi,shm=64Gi,gpus=8,object_store=50G"]) == 0
     out = capsys.readouterr().out
     assert "8 ranks on the node" in out and out.rstrip().endswith("fits")

@@ -9,7 +9,7 @@ import shlex
 
 import pytest
 
-from tests.deploy.conftest import CHART, of_kind, one, render, render_error
+from tests.deploy.conftest import CHART, REPO, of_kind, one, render, render_error
 
 CI = CHART / "ci"
 FULLNAME = "lab-labtrain"
@@ -167,12 +167,12 @@ def test_vatt_base_fits_a_node_of_the_example_a100_group(helm):
     node = NodeShape(cpus=float(limits["cpu"]), memory=parse_quantity(limits["memory"]), gpus=limits["nvidia.com/gpu"],
                      shm=parse_quantity({v["name"]: v for v in pod["volumes"]}["dshm"]["emptyDir"]["sizeLimit"]),
                      object_store=parse_quantity(a100["rayStartParams"]["object-store-memory"]))
-    cfg = load_config(VattConfig, "jobs/vatt/configs/base.yaml")
+    cfg = load_config(VattConfig, REPO / "jobs/vatt/configs/base.yaml")
     stored, collated = cfg.sample_bytes()
     plan = node_plan(cfg.data, cfg.run, node, stored_bytes=stored, batch_bytes_per_sample=collated)
     assert plan.problems == [] and plan.ranks == 8, plan.lines(node)
     assert plan.shm < node.shm and plan.memory < node.memory
-    before = load_config(VattConfig, "jobs/vatt/configs/base.yaml", ["run.cpus_per_worker=8", "data.num_workers=8", "data.prefetch_batches=2"])
+    before = load_config(VattConfig, REPO / "jobs/vatt/configs/base.yaml", ["run.cpus_per_worker=8", "data.num_workers=8", "data.prefetch_batches=2"])
     old = node_plan(before.data, before.run, node, stored_bytes=stored, batch_bytes_per_sample=collated)
     assert [p.split(" ", 3)[:3] for p in old.problems] == [["8", "ranks", "(one"], ["each", "rank", "runs"], ["/dev/shm", "needs", "67.3"]]
 
