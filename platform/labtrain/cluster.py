@@ -171,7 +171,7 @@ def _port_taken(port: int) -> bool:
 def _check_ports(ports: dict[str, int | None]) -> None:
     taken = [f"{port} ({name})" for name, port in ports.items() if port is not None and _port_taken(port)]
     if taken:
-        raise ClusterError(f"port {', '.join(taken)} already taken on 127.0.0.1 (another cluster or queue? `ss -ltnp` shows whose); "
+        raise ClusterError(f"{'ports' if len(taken) > 1 else 'port'} {', '.join(taken)} already taken on 127.0.0.1 (another cluster or queue? `ss -ltnp` shows whose); "
                            "stop it, or choose other ports (labtrain cluster up --help)")
 
 
