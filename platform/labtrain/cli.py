@@ -13,7 +13,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-console = Console(stderr=True)
+# Into a file or a pipe (logs, CI, a test reading stderr) a message stays one line: rich would fold it at 80 columns.
+console = Console(stderr=True, soft_wrap=not sys.stderr.isatty())
 
 
 def _group_files(src: Path) -> dict[str, dict[str, Path]]:
