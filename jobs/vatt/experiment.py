@@ -14,7 +14,9 @@ Headline figures come from the clean held-out split: text-to-video group R@1 and
 text's class and style), audio-to-video group R@1, class R@1, class and style probes; and from training: the
 conflict score's and the loss's AUROC for misaligned triplets, and the curriculum's dropped-set precision
 against the base rate. Paired differences against ``plain`` (same seed, same clips) give each arm's effect with
-its spread over seeds. Runs use Ray Train's local mode (``run.num_workers=0``), ``--jobs`` at a time.
+its spread over seeds. Runs use Ray Train's local mode (``run.num_workers=0``), ``--jobs`` at a time. Each run
+finished is added to ``<out>/experiment.json`` at once; a later command into the same ``--out`` with the same config
+reuses the runs there (to add arms, seeds or shares, or to go on after a stop), and refuses another config.
 
     python -m jobs.vatt.experiment --config jobs/vatt/configs/tiny.yaml --seeds 0 1 2 3 4 --jobs 2 [key=value ...]
 """
@@ -209,6 +211,20 @@ def plot(summary: list[dict], paired: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def earlier_runs(root: str, config: dict) -> list[dict]:
+    """The runs an earlier command wrote into ``root`` with the same config (another config would resume their checkpoints)."""
+    path = os.path.join(root, "experiment.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        earlier = json.load(f)
+    if earlier.get("config") != config:
+        changed = sorted(k for k in set(config) | set(earlier.get("config", {})) if config.get(k) != earlier.get("config", {}).get(k))
+        raise SystemExit(f"error: {path} holds runs of another config (differs in {', '.join(changed)}); "
+                         "its checkpoints would be resumed as this config's: choose another --out")
+    return earlier["runs"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.vatt.experiment", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
@@ -223,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     base = load_config(VattConfig, args.config, args.overrides)
     root = args.out or tempfile.mkdtemp(prefix="vatt-experiment-")
     os.makedirs(root, exist_ok=True)
+    config = json.loads(json.dumps(jsonable(base.model_dump(mode="json"))))
+    rows = earlier_runs(root, config)
+    done = {(r["seed"], r["misaligned"], r["arm"]) for r in rows}
     plan = []
     corpora: dict[tuple[int, float], VattConfig] = {}
     for seed in args.seeds:
@@ -235,13 +254,18 @@ def main(argv: list[str] | None = None) -> int:
                 if share == 0 and (arm in ONLY_CORRUPTED or arm not in args.zero_arms):
                     continue
                 source = clean if arm == "clean" else cfg
+                if (seed, share, arm) in done:
+                    continue
                 plan.append((arm_config(source, arm, share).model_dump(mode="json"), arm, share))
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    rows = []
+    if rows:
+        console.print(f"reusing {len(rows)} runs of {root}/experiment.json; {len(plan)} to run")
     with Progress(console=console) as progress, concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         task = progress.add_task(f"{len(plan)} runs", total=len(plan))
-        for row in pool.map(one_run, *zip(*plan), [threads] * len(plan)):
+        for row in pool.map(one_run, *zip(*plan), [threads] * len(plan)) if plan else ():
             rows.append(row)
+            with open(os.path.join(root, "experiment.json"), "w") as f:  # so far: a stopped command goes on from here
+                json.dump(jsonable({"runs": rows, "config": config}), f, indent=1, allow_nan=False)
             progress.advance(task)
             progress.console.print(f"seed {row['seed']} {row['misaligned']:.0%} {row['arm']}: group R@1 {row[HEADLINE]:.3f}, conflict AUROC {row['conflict_auroc']:.3f}")
     summary, paired = summarize(rows)
@@ -261,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     answer = verdicts(rows)
     console.print_json(json.dumps(jsonable(answer)))
     with open(os.path.join(root, "experiment.json"), "w") as f:
-        json.dump(jsonable({"runs": rows, "summary": summary, "paired": paired, "verdicts": answer, "config": base.model_dump(mode="json")}), f, indent=1, allow_nan=False)
+        json.dump(jsonable({"runs": rows, "summary": summary, "paired": paired, "verdicts": answer, "config": config}), f, indent=1, allow_nan=False)
     plot(summary, paired, os.path.join(root, "experiment.png"))
     console.print(f"wrote {root}/experiment.json and experiment.png")
     print(json.dumps(jsonable({"verdicts": answer})))

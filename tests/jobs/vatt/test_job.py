@@ -128,7 +128,7 @@ def test_base_preset_matches_vatt_base():
 
 
 @pytest.mark.slow
-def test_experiment_runs_at_small_size(tmp_path):
+def test_experiment_runs_at_small_size(tmp_path, capsys):
     """The harmonization experiment end to end at a small size: one seed, three arms, with the planted swaps."""
     from jobs.vatt import experiment
 
@@ -145,6 +145,15 @@ def test_experiment_runs_at_small_size(tmp_path):
     assert verdict["gap_perfect_minus_plain"] == runs["perfect"]["t2v_group_r1"] - runs["plain"]["t2v_group_r1"]
     assert {p["arm"] for p in result["paired"]} == {"perfect", "both"}
     assert (tmp_path / "experiment.png").stat().st_size > 10_000
+    # The same command into the same folder trains nothing again; another config there is refused (it would resume
+    # these runs' checkpoints as its own).
+    capsys.readouterr()
+    assert experiment.main(argv) == 0
+    assert "reusing 3 runs" in capsys.readouterr().out
+    again = json.loads((tmp_path / "experiment.json").read_text())
+    assert again["runs"] == result["runs"] and again["verdicts"] == result["verdicts"]
+    with pytest.raises(SystemExit, match=r"another config \(differs in lr\)"):
+        experiment.main(argv + ["lr=0.5"])
 
 
 def test_the_conflict_target_diagnostic_scores_every_target(tmp_path):
