@@ -116,7 +116,8 @@ class RunConfig(Config):
     kill_worker_at_step: int | None = Field(
         None, ge=1,
         description="Fault drill: the last rank SIGKILLs itself once when it logs this step (once per run name and storage path: a marker file "
-        "in the system temp folder), to show that a restart from the latest checkpoint continues the run. None (the default) in real runs.",
+        "in the system temp folder, removed when the run finishes), to show that a restart from the latest checkpoint continues the run. None "
+        "(the default) in real runs.",
     )
     tensorboard: bool = Field(True, description="Write TensorBoard events (rank 0) to <storage_path>/<name>/tensorboard.")
     s3: S3Config = Field(default_factory=S3Config, description="S3 settings when storage_path is s3://.")

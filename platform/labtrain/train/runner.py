@@ -64,6 +64,7 @@ def _worker_main(payload: dict[str, Any]) -> None:
     session = Session(payload["run"], kind=payload["kind"])
     try:
         payload["fn"](session, payload["job"])
+        session.finished()  # not in finally: a rank failing because another was killed must leave the drill's marker
     finally:
         session.close()
 

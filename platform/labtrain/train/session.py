@@ -33,6 +33,7 @@ restart continues the same run.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -139,6 +140,13 @@ class StepScheduler:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._scheduler, name)
+
+
+def drill_marker(cfg: RunConfig) -> str:
+    """The file in this node's temp folder that says run.kill_worker_at_step's drill already happened in this run
+    (by run name and storage path), so that the restarted worker does not kill itself again."""
+    digest = hashlib.sha1(f"{storage.run_dir(cfg)}".encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), f"labtrain-drill-{cfg.name}-{digest}")
 
 
 class Session:
@@ -275,8 +283,7 @@ class Session:
 
     def _fault_drill(self, step: int) -> None:
         """run.kill_worker_at_step: die the way a lost node dies (SIGKILL, no cleanup), once per run."""
-        digest = hashlib.sha1(f"{storage.run_dir(self.cfg)}".encode()).hexdigest()[:16]
-        marker = os.path.join(tempfile.gettempdir(), f"labtrain-drill-{self.cfg.name}-{digest}")
+        marker = drill_marker(self.cfg)
         try:
             fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
@@ -295,6 +302,13 @@ class Session:
     def info(self, message: str, *args: Any) -> None:
         """A line in the job's log, written once (by rank 0)."""
         self.logger.info(message, *args)
+
+    def finished(self) -> None:
+        """The job function returned: the run is over, so a fault drill's marker (which outlived the killed worker
+        so that its restart would not drill again) is removed from this node's temp folder."""
+        if self.cfg.kill_worker_at_step is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(drill_marker(self.cfg))
 
     def close(self) -> None:
         """The end of this worker's run: say what data was lost (every rank that lost some), close the logger."""

@@ -163,6 +163,7 @@ def test_on_two_workers_a_killed_worker_resumes_and_the_adaptation_continues_exa
     import json
 
     from labtrain.train import run
+    from labtrain.train.session import drill_marker
 
     cfg = config(tmp_path)
     write_source(cfg)
@@ -177,6 +178,8 @@ def test_on_two_workers_a_killed_worker_resumes_and_the_adaptation_continues_exa
     report = adapt("killed", kill_worker_at_step=5, max_failures=1)
     # once, from a checkpoint before the kill (the step-4 one can still be in flight to Ray Train when rank 1 dies)
     assert report["resumed_from"] in ([2], [4]), "the killed run restarted once, from a checkpoint before the kill"
+    killed = cfg.run.model_copy(update={"name": "killed"})
+    assert not os.path.exists(drill_marker(killed)), "the finished run removed its drill marker from the temp folder"
     got = report["history"]
     assert [h["step"] for h in got] == list(range(1, 7))
     for a, b in zip(got, want):
