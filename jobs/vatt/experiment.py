@@ -180,21 +180,24 @@ def plot(summary: list[dict], paired: list[dict], path: str) -> None:
 
     shares = sorted({s["misaligned"] for s in summary})
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.2))
-    width = 0.8 / len(ARMS)
-    for i, arm in enumerate(ARMS):
+    present = [arm for arm in ARMS if any(s["arm"] == arm for s in summary)]  # the legend names only arms that ran
+    colors = dict(zip(ARMS, plt.get_cmap("tab10").colors))  # one colour an arm, the same in every experiment
+    width = 0.8 / len(present)
+    for i, arm in enumerate(present):
         xs, ys, es = [], [], []
         for j, share in enumerate(shares):
             match = [s for s in summary if s["misaligned"] == share and s["arm"] == arm]
             if match:
                 xs.append(j + i * width), ys.append(match[0][HEADLINE]), es.append(match[0][HEADLINE + "_sd"])
-        axes[0].bar(xs, ys, width, yerr=es, label=arm)
+        axes[0].bar(xs, ys, width, yerr=es, label=arm, color=colors[arm])
     chance = statistics.mean(s["t2v_group_r1_chance"] for s in summary)
     axes[0].axhline(chance, color="k", ls="--", lw=0.8, label=f"chance {chance:.3f}")
     axes[0].set(title="text-to-video group R@1 (clean split; ceiling 1.0)", xticks=[j + 0.4 - width / 2 for j in range(len(shares))], xticklabels=[f"{s:.0%} swapped" for s in shares])
-    axes[0].legend(fontsize=7, ncol=2)
+    axes[0].set_ylim(0, 1.0)
+    axes[0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     rows = [p for p in paired if p["metric"] == HEADLINE and p["misaligned"] > 0]
     labels = [f"{p['misaligned']:.0%} {p['arm']}" for p in rows]
-    axes[1].barh(labels, [p["diff"] for p in rows], xerr=[p["sd"] for p in rows], color=["tab:green" if p["arm"] in ONLY_CORRUPTED else "tab:blue" for p in rows])
+    axes[1].barh(labels, [p["diff"] for p in rows], xerr=[p["sd"] for p in rows], color=[colors[p["arm"]] for p in rows])
     axes[1].axvline(0, color="k", lw=0.8)
     axes[1].set(title="paired difference vs plain, group R@1 (mean ± sd over seeds)")
     for arm, color in (("both", "tab:blue"), ("plain", "tab:gray"), ("loss", "tab:orange")):
@@ -204,7 +207,7 @@ def plot(summary: list[dict], paired: list[dict], path: str) -> None:
     axes[2].errorbar([s["misaligned"] for s in match], [s["loss_auroc"] for s in match], yerr=[s["loss_auroc_sd"] for s in match], marker="s", ls="--", color="tab:purple", label="loss (plain runs)")
     axes[2].axhline(0.85, color="tab:red", ls=":", lw=0.8, label="goal 0.85")
     axes[2].axhline(0.5, color="k", ls="--", lw=0.8)
-    axes[2].set(title="AUROC for misaligned triplets", xlabel="share swapped", ylim=(0.3, 1.0))
+    axes[2].set(title="AUROC for misaligned triplets", xlabel="share swapped", ylim=(0.3, 1.03))
     axes[2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
