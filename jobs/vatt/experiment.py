@@ -200,11 +200,11 @@ def plot(summary: list[dict], paired: list[dict], path: str) -> None:
     axes[1].barh(labels, [p["diff"] for p in rows], xerr=[p["sd"] for p in rows], color=[colors[p["arm"]] for p in rows])
     axes[1].axvline(0, color="k", lw=0.8)
     axes[1].set(title="paired difference vs plain, group R@1 (mean ± sd over seeds)")
-    for arm, color in (("both", "tab:blue"), ("plain", "tab:gray"), ("loss", "tab:orange")):
+    for arm in ("both", "plain", "loss"):
         match = [s for s in summary if s["arm"] == arm and s["misaligned"] > 0]
-        axes[2].errorbar([s["misaligned"] for s in match], [s["conflict_auroc"] for s in match], yerr=[s["conflict_auroc_sd"] for s in match], marker="o", color=color, label=f"conflict score ({arm} runs)")
+        axes[2].errorbar([s["misaligned"] for s in match], [s["conflict_auroc"] for s in match], yerr=[s["conflict_auroc_sd"] for s in match], marker="o", color=colors[arm], label=f"conflict score ({arm} runs)")
     match = [s for s in summary if s["arm"] == "plain" and s["misaligned"] > 0]
-    axes[2].errorbar([s["misaligned"] for s in match], [s["loss_auroc"] for s in match], yerr=[s["loss_auroc_sd"] for s in match], marker="s", ls="--", color="tab:purple", label="loss (plain runs)")
+    axes[2].errorbar([s["misaligned"] for s in match], [s["loss_auroc"] for s in match], yerr=[s["loss_auroc_sd"] for s in match], marker="s", ls="--", color="k", label="loss (plain runs)")
     axes[2].axhline(0.85, color="tab:red", ls=":", lw=0.8, label="goal 0.85")
     axes[2].axhline(0.5, color="k", ls="--", lw=0.8)
     axes[2].set(title="AUROC for misaligned triplets", xlabel="share swapped", ylim=(0.3, 1.03))
